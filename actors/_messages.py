@@ -1,0 +1,144 @@
+"""What the actors pass each other (through Ray, in batches); not part of the wire contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from topics.errors import ErrorCode
+from topics.wire import Request
+
+__all__ = [
+    "Admitted",
+    "Ask",
+    "CacheEntry",
+    "CacheLookup",
+    "Decision",
+    "Finished",
+    "Grant",
+    "Job",
+    "Queued",
+    "Refusal",
+    "Route",
+    "RouteAsk",
+    "Settlement",
+]
+
+
+class RouteAsk(msgspec.Struct, frozen=True):
+    """Which model and deployments should serve this request?"""
+
+    ticket: int
+    model: str
+    tenant: str
+    tier: str | None = None
+    task: str | None = None
+
+
+class Route(msgspec.Struct, frozen=True):
+    """The selector's answer: a public model and its deployments, best first, or an error."""
+
+    ticket: int
+    model: str | None
+    candidates: tuple[str, ...] = ()
+    error: ErrorCode | None = None
+    message: str | None = None
+
+
+class Ask(msgspec.Struct, frozen=True):
+    """A request for quota: `prompt_tokens + max_tokens` on one of `candidates`."""
+
+    ticket: int
+    owner: str
+    tenant: str
+    priority: int
+    deadline_ms: int | None
+    candidates: tuple[str, ...]
+    prompt_tokens: int
+    max_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.max_tokens
+
+
+class Grant(msgspec.Struct, frozen=True):
+    """Quota reserved on `deployment`; `lease` is returned in a Settlement."""
+
+    ticket: int
+    deployment: str
+    lease: int
+    reserved_tokens: int
+    queued_ms: float
+
+
+class Refusal(msgspec.Struct, frozen=True):
+    ticket: int
+    code: ErrorCode
+    message: str
+    retry_after_ms: int | None = None
+
+
+class Queued(msgspec.Struct, frozen=True):
+    ticket: int
+
+
+Decision = Grant | Refusal | Queued
+Admitted = Grant | Refusal
+
+
+class Settlement(msgspec.Struct, frozen=True):
+    """Give back a lease: correct its token entry to what was really used."""
+
+    lease: int
+    used_tokens: int
+
+
+class Job(msgspec.Struct, frozen=True):
+    """One granted request for an upstream caller."""
+
+    ticket: int
+    request: Request
+    reply_to: str
+    model: str
+    grant: Grant
+    prompt_tokens: int
+    received_ms: float
+    cache_key: str | None
+
+
+class Finished(msgspec.Struct, frozen=True):
+    """A request whose terminal reply is acknowledged by Kafka."""
+
+    ticket: int
+    status: str
+    upstream_calls: int = 0
+
+
+class CacheEntry(msgspec.Struct, frozen=True):
+    """A stored answer, enough to replay it as chunks or as a completion."""
+
+    key: str
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    upstream_model: str
+    model: str
+    stored_at: float
+    extra: dict[str, Any] | None = None
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.key) + len(self.text.encode()) + 256
+
+
+class CacheLookup(msgspec.Struct, frozen=True):
+    """One request's exact-cache lookup, as the ingress sends it to a shard."""
+
+    ticket: int
+    key: str
+    request: Request
+    reply_to: str
+    received_ms: float

@@ -1,0 +1,39 @@
+"""Creating named actors one way: zero CPUs reserved, restarted on failure, get-or-create."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from topics.config import Config
+
+__all__ = ["named_actor"]
+
+
+def named_actor(
+    cls: type[Any],
+    config: Config,
+    name: str,
+    *args: Any,
+    max_concurrency: int,
+    detached: bool = False,
+) -> Any:
+    """Get the actor `name` in the gateway's namespace, or start it with `cls(*args)`.
+
+    num_cpus=0: these actors mostly wait on I/O; Ray's CPU accounting would otherwise
+    refuse to place more actors than cores on a 2-core machine.
+    """
+    return (
+        ray.remote(cls)
+        .options(
+            name=name,
+            namespace=config.gateway.ray_namespace,
+            get_if_exists=True,
+            num_cpus=0,
+            max_concurrency=max_concurrency,
+            max_restarts=-1,
+            lifetime="detached" if detached else None,
+        )
+        .remote(*args)
+    )

@@ -1,0 +1,296 @@
+"""One upstream call with the openai SDK (`max_retries=0`): stream chunks to Kafka as they come.
+
+The SDK's raw streaming response gives the headers and the SSE lines; each `data:` line
+is decoded once with msgspec and forwarded as a `chunk` reply, so the body the client
+sees is the upstream's own chunk object. Upstream failures become one error reply with
+a code from CONTRACT.md; the gateway, not the SDK, decides about retries.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import httpx2 as httpx
+import msgspec
+import openai
+import structlog
+
+from actors._messages import Job
+from actors._replies import ReplyStream, cost_usd
+from topics.config import Config, Deployment, resolve_secret
+from topics.errors import ErrorCode
+from topics.wire import Timing
+
+__all__ = ["Outcome", "Upstream"]
+
+log = structlog.get_logger("quotaflow.caller")
+
+_DECODE: Final = msgspec.json.Decoder()
+# Keys the gateway sets itself when calling upstream.
+_OWN_KEYS: Final = frozenset({"model", "messages", "stream"})
+
+
+@dataclass
+class Outcome:
+    """What happened upstream: enough to settle quota, fill the cache and report."""
+
+    status: str  # "done" or an error code
+    deployment: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+    upstream_model: str = ""
+    upstream_calls: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Failure(Exception):
+    """An upstream failure already mapped to a contract error code."""
+
+    def __init__(
+        self, code: ErrorCode, message: str, *, retryable: bool, retry_after_ms: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+        self.retryable = retryable
+        self.retry_after_ms = retry_after_ms
+
+
+def _retry_after_ms(headers: httpx.Headers) -> int | None:
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return int(float(ms))
+        except ValueError:
+            pass
+    sec = headers.get("retry-after")
+    if sec is not None:
+        try:
+            return int(float(sec) * 1000)
+        except ValueError:
+            return None
+    return None
+
+
+def _map_status_error(exc: openai.APIStatusError, dep: Deployment) -> _Failure:
+    status = exc.status_code
+    err: dict[str, Any] = {}
+    if isinstance(exc.body, dict):
+        inner = exc.body.get("error", exc.body)
+        if isinstance(inner, dict):
+            err = inner
+    upstream_msg = str(err.get("message") or exc.message)
+    etype = str(err.get("type") or err.get("code") or "")
+    where = f"deployment {dep.name!r} answered HTTP {status}"
+    if status == 429 and "insufficient_quota" in (etype, str(err.get("code"))):
+        return _Failure(
+            "upstream_unavailable", f"{where} (insufficient_quota): {upstream_msg}", retryable=False
+        )
+    if status == 429:
+        return _Failure(
+            "upstream_unavailable",
+            f"{where} (rate limited): {upstream_msg}",
+            retryable=True,
+            retry_after_ms=_retry_after_ms(exc.response.headers),
+        )
+    if status in (400, 404, 413, 422):
+        return _Failure("invalid_request", f"{where}: {upstream_msg}", retryable=False)
+    if status in (401, 403):
+        # Say which credential failed, never what it is.
+        return _Failure(
+            "upstream_error",
+            f"{where}: the credential in ${dep.api_key_env} was refused",
+            retryable=False,
+        )
+    if status in (408, 409) or status >= 500:
+        return _Failure("upstream_unavailable", f"{where}: {upstream_msg}", retryable=True)
+    return _Failure("upstream_error", f"{where}: {upstream_msg}", retryable=False)
+
+
+class Upstream:
+    """One `AsyncOpenAI` client per deployment, created on first use."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._deployments = {d.name: d for d in config.deployments}
+        self._clients: dict[str, openai.AsyncOpenAI] = {}
+
+    def client(self, dep: Deployment) -> openai.AsyncOpenAI:
+        c = self._clients.get(dep.name)
+        if c is None:
+            c = openai.AsyncOpenAI(
+                base_url=dep.base_url,
+                api_key=resolve_secret(
+                    dep.api_key_env, what=f"deployments[{dep.name}].api_key_env"
+                ),
+                max_retries=0,  # hidden SDK retries would spend quota the gateway did not grant
+                timeout=httpx.Timeout(dep.timeout_s, connect=dep.connect_timeout_s),
+            )
+            self._clients[dep.name] = c
+        return c
+
+    async def close(self) -> None:
+        for c in self._clients.values():
+            await c.close()
+        self._clients.clear()
+
+    async def run(self, job: Job, out: ReplyStream) -> Outcome:
+        """Call upstream for `job`, writing every reply (terminal included) to `out`."""
+        dep = self._deployments[job.grant.deployment]
+        body = job.request.request
+        stream = bool(body.get("stream"))
+        outcome = Outcome(status="done", deployment=dep.name)
+        try:
+            if stream:
+                await self._stream(job, dep, body, out, outcome)
+            else:
+                await self._complete(job, dep, body, out, outcome)
+        except _Failure as f:
+            return await self._fail(job, out, outcome, f)
+        except openai.APIStatusError as exc:
+            return await self._fail(job, out, outcome, _map_status_error(exc, dep))
+        except (openai.APIConnectionError, httpx.TransportError) as exc:
+            lost = _Failure(
+                "upstream_unavailable",
+                f"deployment {dep.name!r}: {type(exc).__name__} talking to upstream",
+                retryable=True,
+            )
+            return await self._fail(job, out, outcome, lost)
+        return outcome
+
+    def _kwargs(
+        self, job: Job, dep: Deployment, body: dict[str, Any], stream: bool
+    ) -> dict[str, Any]:
+        extra = {k: v for k, v in body.items() if k not in _OWN_KEYS}
+        if stream:
+            # Usage is needed to settle quota; the chunk is dropped if the client did not ask.
+            opts = dict(extra.get("stream_options") or {})
+            opts["include_usage"] = True
+            extra["stream_options"] = opts
+        return {
+            "model": dep.model,
+            "messages": body["messages"],
+            "stream": stream,
+            "extra_body": extra,
+            "extra_headers": {"X-Client-Request-Id": job.request.id},
+        }
+
+    async def _stream(
+        self, job: Job, dep: Deployment, body: dict[str, Any], out: ReplyStream, o: Outcome
+    ) -> None:
+        client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        first_ms: float | None = None
+        parts: list[str] = []
+        api = self.client(dep).chat.completions.with_streaming_response
+        async with api.create(**self._kwargs(job, dep, body, True)) as resp:
+            async for line in resp.iter_lines():
+                if not line.startswith("data:"):
+                    continue  # SSE comments and keep-alives (DeepSeek sends these)
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = _DECODE.decode(data)
+                if not isinstance(chunk, dict):
+                    continue
+                if "error" in chunk:
+                    raise _Failure(
+                        "upstream_error",
+                        f"deployment {dep.name!r} sent an error mid-stream: {chunk['error']}",
+                        retryable=True,
+                    )
+                o.upstream_model = str(chunk.get("model") or o.upstream_model)
+                usage = chunk.get("usage")
+                if isinstance(usage, dict):
+                    o.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    o.completion_tokens = int(usage.get("completion_tokens") or 0)
+                choices = chunk.get("choices") or []
+                if choices:
+                    c0 = choices[0]
+                    content = (c0.get("delta") or {}).get("content")
+                    if content:
+                        parts.append(content)
+                    if c0.get("finish_reason"):
+                        o.finish_reason = c0["finish_reason"]
+                elif not client_wants_usage:
+                    continue
+                if first_ms is None:
+                    first_ms = time.time() * 1000.0
+                await out.chunk(chunk)
+        if o.finish_reason is None:
+            raise _Failure(
+                "upstream_unavailable",
+                f"deployment {dep.name!r}: stream ended without a finish_reason",
+                retryable=True,
+            )
+        o.text = "".join(parts)
+        await self._done(job, dep, out, o, first_ms)
+
+    async def _complete(
+        self, job: Job, dep: Deployment, body: dict[str, Any], out: ReplyStream, o: Outcome
+    ) -> None:
+        api = self.client(dep).chat.completions.with_streaming_response
+        async with api.create(**self._kwargs(job, dep, body, False)) as resp:
+            raw = await resp.read()
+        completion = _DECODE.decode(raw)
+        if not isinstance(completion, dict):
+            raise _Failure(
+                "upstream_error", f"deployment {dep.name!r} sent a non-object body", retryable=True
+            )
+        usage = completion.get("usage") or {}
+        o.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        o.completion_tokens = int(usage.get("completion_tokens") or 0)
+        o.upstream_model = str(completion.get("model") or "")
+        choices = completion.get("choices") or []
+        if choices:
+            o.finish_reason = choices[0].get("finish_reason")
+            o.text = str((choices[0].get("message") or {}).get("content") or "")
+        first_ms = time.time() * 1000.0
+        await out.completion(completion)
+        await self._done(job, dep, out, o, first_ms)
+
+    async def _done(
+        self, job: Job, dep: Deployment, out: ReplyStream, o: Outcome, first_ms: float | None
+    ) -> None:
+        now_ms = time.time() * 1000.0
+        await out.done(
+            finish_reason=o.finish_reason,
+            prompt_tokens=o.prompt_tokens,
+            completion_tokens=o.completion_tokens,
+            model=job.model,
+            deployment=dep.name,
+            attempts=o.upstream_calls,
+            cost=cost_usd(dep.price, o.prompt_tokens, o.completion_tokens),
+            timing=Timing(
+                queued_ms=round(job.grant.queued_ms, 3),
+                ttft_ms=None if first_ms is None else round(first_ms - job.received_ms, 3),
+                total_ms=round(now_ms - job.received_ms, 3),
+            ),
+            metadata=job.request.metadata,
+        )
+
+    async def _fail(self, job: Job, out: ReplyStream, o: Outcome, f: _Failure) -> Outcome:
+        log.warning(
+            "upstream_failed",
+            request_id=job.request.id,
+            tenant=job.request.tenant,
+            deployment=o.deployment,
+            code=f.code,
+            error=f.message,
+        )
+        if out.sent_chunks:
+            await out.reset(f"upstream failed mid-stream: {f.code}")
+        await out.error(
+            f.code,
+            f.message,
+            retryable=f.retryable,
+            retry_after_ms=f.retry_after_ms,
+            metadata=job.request.metadata,
+            model=job.model,
+            deployment=o.deployment,
+        )
+        o.status = f.code
+        return o

@@ -1,0 +1,187 @@
+"""Upstream caller actors: run granted jobs concurrently and produce their replies to Kafka.
+
+Tokens never cross Ray: each caller owns a Kafka producer. What crosses Ray is batched:
+jobs in (`submit`, one call per ingress batch), finished tickets out (`finished`, a long
+poll), and lease settlements and cache entries on a timer (`_flush_loop`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+import structlog
+
+from actors._kafka import make_producer
+from actors._messages import CacheEntry, Finished, Job, Settlement
+from actors._ray import named_actor
+from actors._replies import ReplyStream
+from actors._upstream import Outcome, Upstream
+from actors.cache import shard_of
+from topics.config import Config
+
+__all__ = ["Caller", "caller_actors"]
+
+log = structlog.get_logger("quotaflow.caller")
+
+
+class Caller:
+    """Actor body. Logic of a single call lives in `Upstream`; this schedules and batches."""
+
+    def __init__(self, config: Config, index: int, quota: Any, caches: Sequence[Any]) -> None:
+        from topics.logs import configure_logging  # actors run in their own processes
+
+        configure_logging(config.logging)
+        self._config = config
+        self.index = index
+        self._quota = quota
+        self._caches = list(caches)
+        self._upstream = Upstream(config)
+        self._producer: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._finished: dict[str, list[Finished]] = {}
+        self._finished_ev: dict[str, asyncio.Event] = {}
+        self._settle: list[Settlement] = []
+        self._puts: list[CacheEntry] = []
+        self._flush_task: asyncio.Task[None] | None = None
+        self._flush_s = config.gateway.flush_ms / 1000.0
+        self.calls = 0
+
+    async def _start(self) -> None:
+        if self._producer is None:
+            self._producer = await make_producer(self._config, client_suffix=f"caller-{self.index}")
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def submit(self, owner: str, jobs: list[Job]) -> None:
+        """Start `jobs`; returns at once. Their tickets come back through `finished`."""
+        await self._start()
+        for job in jobs:
+            task = asyncio.get_running_loop().create_task(self._run(owner, job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, owner: str, job: Job) -> None:
+        req = job.request
+        out = ReplyStream(
+            self._producer,
+            topic=job.reply_to,
+            usage_topic=self._config.topics.usage,
+            request_id=req.id,
+            tenant=req.tenant,
+        )
+        bound = log.bind(request_id=req.id, tenant=req.tenant, deployment=job.grant.deployment)
+        self.calls += 1
+        try:
+            outcome = await self._upstream.run(job, out)
+        except Exception as exc:  # noqa: BLE001 - any bug must still end the request with a reply
+            bound.exception("caller_crashed")
+            outcome = Outcome(status="internal", deployment=job.grant.deployment)
+            try:
+                await out.error("internal", f"gateway error: {type(exc).__name__}", retryable=True)
+            except Exception:  # noqa: BLE001 - Kafka is down too; the offset stays uncommitted
+                bound.exception("terminal_reply_failed")
+                return
+        # A failed call keeps its whole reservation: the provider may have charged it.
+        used = (
+            max(job.prompt_tokens, outcome.prompt_tokens) + outcome.completion_tokens
+            if outcome.status == "done"
+            else job.grant.reserved_tokens
+        )
+        self._settle.append(Settlement(job.grant.lease, used))
+        if outcome.status == "done" and job.cache_key is not None:
+            self._puts.append(
+                CacheEntry(
+                    key=job.cache_key,
+                    text=outcome.text,
+                    finish_reason=outcome.finish_reason,
+                    prompt_tokens=outcome.prompt_tokens,
+                    completion_tokens=outcome.completion_tokens,
+                    upstream_model=outcome.upstream_model,
+                    model=job.model,
+                    stored_at=time.time(),
+                )
+            )
+        bound.info(
+            "request_finished", status=outcome.status, completion_tokens=outcome.completion_tokens
+        )
+        self._finished.setdefault(owner, []).append(
+            Finished(job.ticket, outcome.status, upstream_calls=outcome.upstream_calls)
+        )
+        ev = self._finished_ev.get(owner)
+        if ev is not None:
+            ev.set()
+
+    async def finished(self, owner: str, timeout_s: float) -> list[Finished]:
+        """Long poll: tickets whose terminal reply Kafka has acknowledged."""
+        got = self._finished.pop(owner, [])
+        if got:
+            return got
+        ev = self._finished_ev.setdefault(owner, asyncio.Event())
+        ev.clear()
+        try:
+            await asyncio.wait_for(ev.wait(), timeout_s)
+        except TimeoutError:
+            return []
+        return self._finished.pop(owner, [])
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_s)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        settle, self._settle = self._settle, []
+        puts, self._puts = self._puts, []
+        calls = []
+        if settle:
+            calls.append(self._quota.settle.remote(settle))
+        if puts and self._caches:
+            by_shard: dict[int, list[CacheEntry]] = {}
+            for e in puts:
+                by_shard.setdefault(shard_of(e.key, len(self._caches)), []).append(e)
+            calls.extend(self._caches[i].put_many.remote(batch) for i, batch in by_shard.items())
+        if calls:
+            try:
+                await asyncio.gather(*calls)
+            except ray.exceptions.RayActorError:
+                # The quota or a cache actor is restarting; a lost settlement only keeps a
+                # reservation until its window entry expires: conservative, never over.
+                log.warning("flush_failed", settlements=len(settle), cache_puts=len(puts))
+
+    async def stats(self) -> dict[str, Any]:
+        return {"caller": self.index, "in_flight": len(self._tasks), "calls": self.calls}
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait for running jobs (up to `timeout_s`), flush, and return how many still run."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        await self._flush()
+        return len(self._tasks)
+
+    async def close(self) -> None:
+        await self._flush()
+        await self._upstream.close()
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+
+def caller_actors(config: Config, quota: Any, caches: Sequence[Any]) -> list[Any]:
+    """Get or create the named upstream callers (each runs many streams at once)."""
+    return [
+        named_actor(
+            Caller,
+            config,
+            f"quotaflow.caller.{i}",
+            config,
+            i,
+            quota,
+            caches,
+            max_concurrency=10_000,
+        )
+        for i in range(config.gateway.caller_actors)
+    ]

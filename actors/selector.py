@@ -1,0 +1,47 @@
+"""Model-selector actors: a thin Ray shell around `Router`, refreshing headroom in the background.
+
+Headroom comes from the quota actor once per `headroom_refresh_ms`, not once per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import ray
+
+from actors._messages import Route, RouteAsk
+from actors._ray import named_actor
+from actors._routing import Router
+from topics.config import Config
+
+__all__ = ["Selector", "selector_actors"]
+
+
+class Selector:
+    def __init__(self, config: Config, quota: Any) -> None:
+        self.router = Router(config)
+        self._quota = quota
+        self._refresh_s = config.gateway.headroom_refresh_ms / 1000.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _refresh(self) -> None:
+        while True:
+            # While the quota actor restarts, keep the last headroom.
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                self.router.update_headroom(await self._quota.headroom.remote())
+            await asyncio.sleep(self._refresh_s)
+
+    async def route(self, asks: list[RouteAsk]) -> list[Route]:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._refresh())
+        return self.router.route(asks)
+
+
+def selector_actors(config: Config, quota: Any) -> list[Any]:
+    """Get or create the named model selectors."""
+    return [
+        named_actor(Selector, config, f"quotaflow.selector.{i}", config, quota, max_concurrency=100)
+        for i in range(config.gateway.selector_actors)
+    ]

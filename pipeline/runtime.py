@@ -1,0 +1,53 @@
+"""Running the gateway: Ray up (local, or the cluster at RAY_ADDRESS), ingress until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+
+import ray
+import structlog
+
+from pipeline.gateway import Gateway
+from topics.config import Config
+from topics.logs import configure_logging
+
+__all__ = ["init_ray", "run_gateway"]
+
+log = structlog.get_logger("quotaflow.gateway")
+
+
+def init_ray(config: Config) -> None:
+    """Join the cluster at RAY_ADDRESS if set, else start Ray locally (no dashboard)."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    ray.init(
+        address=address,
+        namespace=config.gateway.ray_namespace,
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=False,
+    )
+
+
+async def run_gateway(config: Config) -> int:
+    """`quotaflow run`: serve until SIGINT/SIGTERM, drain in-flight requests, commit, exit 0."""
+    configure_logging(config.logging)
+    init_ray(config)
+    gateway = Gateway(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, gateway.stop)
+    try:
+        await gateway.start()
+        print(f"quotaflow gateway running ({config.kafka.bootstrap_servers})", flush=True)
+        await gateway.run()
+    finally:
+        await gateway.close()
+        ray.shutdown()
+    log.info("gateway_stopped", stats=vars(gateway.stats))
+    return 0
