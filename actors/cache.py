@@ -41,6 +41,10 @@ class CacheShard:
             self._producer = await make_producer(self._config, client_suffix=f"cache-{self.shard}")
         return self._producer
 
+    async def warm(self) -> None:
+        """Start the producer now, so the first hit pays no start-up."""
+        await self._ensure_producer()
+
     async def lookup(self, items: list[CacheLookup]) -> list[int]:
         """Answer the hits among `items` from cache; returns their tickets."""
         t0 = time.perf_counter_ns()

@@ -56,6 +56,10 @@ class Caller:
         if self._flush_task is None or self._flush_task.done():
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_loop())
 
+    async def warm(self) -> None:
+        """Start the producer and flusher now, so the first request pays no start-up."""
+        await self._start()
+
     async def submit(self, owner: str, jobs: list[Job]) -> None:
         """Start `jobs`; returns at once. Their tickets come back through `finished`."""
         await self._start()

@@ -50,6 +50,9 @@ class QuotaService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
+    async def warm(self) -> None:
+        self._ensure_loop()
+
     async def submit(self, asks: list[Ask]) -> list[Decision]:
         self._ensure_loop()
         out = self.book.submit(asks)

@@ -33,9 +33,13 @@ class Selector:
                 self.router.update_headroom(await self._quota.headroom.remote())
             await asyncio.sleep(self._refresh_s)
 
-    async def route(self, asks: list[RouteAsk]) -> list[Route]:
+    async def warm(self) -> None:
+        """Start the headroom refresher."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def route(self, asks: list[RouteAsk]) -> list[Route]:
+        await self.warm()
         return self.router.route(asks)
 
 

@@ -121,7 +121,9 @@ class QuotaflowClient:
         try:
             # Waits for metadata; a topic the gateway has just created takes a moment to show.
             return set(
-                await asyncio.wait_for(self._producer.partitions_for(topic), self._metadata_timeout_s)
+                await asyncio.wait_for(
+                    self._producer.partitions_for(topic), self._metadata_timeout_s
+                )
             )
         except TimeoutError:
             raise QuotaflowError(
@@ -213,9 +215,18 @@ class QuotaflowClient:
         async for reply in self.replies(request.id, timeout_s=timeout_s):
             yield reply
 
-    async def replies(self, request_id: str, *, timeout_s: float | None = None) -> AsyncIterator[Reply]:
-        """Yield the replies of an already-sent request until the terminal one."""
+    def replies(self, request_id: str, *, timeout_s: float | None = None) -> AsyncIterator[Reply]:
+        """The replies of `request_id` until the terminal one; registers for them at once.
+
+        Call before the request is sent (or right after `send`, which registers too):
+        replies that arrive before registration are not kept.
+        """
         q = self._queues.setdefault(request_id, asyncio.Queue())
+        return self._drain(request_id, q, timeout_s)
+
+    async def _drain(
+        self, request_id: str, q: asyncio.Queue[Reply], timeout_s: float | None
+    ) -> AsyncIterator[Reply]:
         try:
             while True:
                 reply = await asyncio.wait_for(q.get(), timeout_s)
@@ -225,7 +236,9 @@ class QuotaflowClient:
         finally:
             self._queues.pop(request_id, None)
 
-    async def ask(self, body: Mapping[str, Any] | Request, *, timeout_s: float | None = None, **fields: Any) -> Answer:
+    async def ask(
+        self, body: Mapping[str, Any] | Request, *, timeout_s: float | None = None, **fields: Any
+    ) -> Answer:
         """Send a request and collect its whole answer."""
         request = body if isinstance(body, Request) else self.build(body, **fields)
         replies: list[Reply] = []

@@ -145,6 +145,11 @@ class Gateway:
                 log.info("topics_created", topics=created)
         if self._actors is None:
             self._actors = start_actors(cfg)
+        a = self.actors
+        # Actors start their producers and loops now, not on the first request.
+        await asyncio.gather(
+            *(h.warm.remote() for h in (a.quota, *a.caches, *a.selectors, *a.callers))
+        )
         self._producer = await make_producer(cfg, client_suffix="ingress")
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=cfg.kafka.bootstrap_servers,

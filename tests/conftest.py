@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pipeline.kafka_local import LocalKafka
+from pipeline.client import QuotaflowClient
+from pipeline.kafka_local import LocalKafka, free_port
+from pipeline.stack import GatewayProcess, sim_config_dict, write_config
+from topics.config import Config
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +41,119 @@ def kafka_bootstrap(kafka_local: LocalKafka) -> str:
     bootstrap = kafka_local.status().bootstrap
     assert bootstrap is not None, "the session's Kafka broker is not running"
     return bootstrap
+
+
+# -- the whole stack: simulator and gateway as the real CLI processes -----------------
+
+SIM_BAD_KEY_ENV = "QF_SIM_KEY_WRONG"
+# Small enough that the 50-concurrent test pauses and resumes the ingress for real.
+SESSION_MAX_IN_FLIGHT = 20
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What the integration tests talk to."""
+
+    bootstrap: str
+    config: Config
+    config_path: Path
+    sim_url: str
+    sim_log: Path
+    gateway_log: Path
+    gateway: GatewayProcess
+
+    def sim_calls(self, request_id: str) -> list[dict[str, Any]]:
+        """Simulator log lines for one request id (sent as X-Client-Request-Id)."""
+        lines = self.sim_log.read_text().splitlines() if self.sim_log.exists() else []
+        return [rec for rec in map(json.loads, lines) if rec.get("client_request_id") == request_id]
+
+
+def _wait_for_line(
+    path: Path, marker: bytes, proc: subprocess.Popen[bytes], timeout_s: float
+) -> None:
+    give_up = time.monotonic() + timeout_s
+    while marker not in path.read_bytes():
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}; see {path}")
+        if time.monotonic() > give_up:
+            raise RuntimeError(f"no {marker!r} in {path} after {timeout_s}s")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def stack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def stack_config(kafka_bootstrap: str, stack_dir: Path) -> tuple[Config, Path]:
+    os.environ.setdefault(SIM_BAD_KEY_ENV, "sk-wrong-" + secrets.token_urlsafe(18))
+    raw = sim_config_dict(
+        bootstrap=kafka_bootstrap,
+        sim_port=free_port(),
+        sim_log=stack_dir / "sim.jsonl",
+        limits={"rpm": 6000, "tpm": 2_000_000},
+        sim={"ttft_ms": 5, "inter_token_ms": 1, "output_tokens": 16},
+        gateway={"max_in_flight": SESSION_MAX_IN_FLIGHT, "caller_actors": 2},
+    )
+    base = raw["deployments"][0]["base_url"]
+    raw["deployments"].append(
+        {"name": "sim-bad", "base_url": base, "api_key_env": SIM_BAD_KEY_ENV, "model": "sim-small"}
+    )
+    raw["models"].append({"name": "broken", "deployments": ["sim-bad"]})
+    path = stack_dir / "quotaflow.yaml"
+    return write_config(raw, path), path
+
+
+@pytest.fixture(scope="session")
+def simulator(stack_config: tuple[Config, Path], stack_dir: Path) -> Iterator[str]:
+    """`quotaflow sim` as a child process; yields its base URL."""
+    config, path = stack_config
+    log = stack_dir / "sim.out"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "sim", "--config", str(path)],
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    try:
+        _wait_for_line(log, b"simulator listening on", proc, timeout_s=60)
+        assert config.simulator is not None
+        yield f"http://127.0.0.1:{config.simulator.port}/v1"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+async def stack(
+    kafka_bootstrap: str, stack_config: tuple[Config, Path], simulator: str, stack_dir: Path
+) -> AsyncIterator[Stack]:
+    """`quotaflow run` as a child process against the session broker and simulator."""
+    config, path = stack_config
+    gateway = GatewayProcess(path, stack_dir / "gateway.log")
+    await gateway.start()
+    assert config.simulator is not None
+    assert config.simulator.log_path is not None
+    yield Stack(
+        bootstrap=kafka_bootstrap,
+        config=config,
+        config_path=path,
+        sim_url=simulator,
+        sim_log=Path(config.simulator.log_path),
+        gateway_log=stack_dir / "gateway.log",
+        gateway=gateway,
+    )
+    code = await gateway.stop()
+    assert code == 0, f"gateway exited with {code} on SIGTERM; see {stack_dir / 'gateway.log'}"
+
+
+@pytest.fixture(scope="session")
+async def client(stack: Stack) -> AsyncIterator[QuotaflowClient]:
+    async with QuotaflowClient(stack.bootstrap) as c:
+        yield c

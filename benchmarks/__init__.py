@@ -1,0 +1,1 @@
+"""quotaflow's benchmarks: `python -m benchmarks` runs the suite (see BENCHMARKS.md)."""

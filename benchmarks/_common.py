@@ -1,0 +1,165 @@
+"""Shared by the benchmarks: machine description, percentiles, results JSON, BENCHMARKS.md rows."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BENCHMARKS_MD",
+    "REPO",
+    "RESULTS_DIR",
+    "add_row",
+    "machine",
+    "machine_summary",
+    "percentiles",
+    "stamp",
+    "write_json",
+]
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+
+_MD_HEADER = """\
+# Benchmarks
+
+Figures measured by `make bench` (or `.venv/bin/python -m benchmarks`; one benchmark
+alone: `.venv/bin/python -m benchmarks.ttft`). Every run appends its rows to the tables
+below and writes every percentile, the raw samples and the machine description to
+`benchmarks/results/<name>-<YYYYMMDD-HHMMSS>.json`. Nothing here is hard-coded: a row is
+one run on the machine it names, with everything (broker, Ray, simulator, load
+generator) on that machine. Times are milliseconds.
+"""
+
+_PERCENTILES = (50.0, 90.0, 99.0)
+
+
+def stamp(now: datetime | None = None) -> str:
+    """`YYYYMMDD-HHMMSS` in local time, for result file names."""
+    return (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_total_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures come from: OS, CPU, cores, memory and the versions that matter."""
+    from pipeline.kafka_local import KAFKA_VERSION
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 0
+    return {
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "mem_total_gb": _mem_total_gb(),
+        "python": sys.version.split()[0],
+        "kafka": KAFKA_VERSION,
+        "ray": _version("ray"),
+        "aiokafka": _version("aiokafka"),
+        "openai": _version("openai"),
+        "quotaflow": _version("quotaflow"),
+    }
+
+
+def machine_summary(m: dict[str, Any]) -> str:
+    """One short line for a table cell."""
+    return (
+        f"{m['cpu_model']}, {m['cpus_usable']} cores, {m['mem_total_gb']} GB, "
+        f"py {m['python']}, Kafka {m['kafka']}, Ray {m['ray']}"
+    )
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default, 'linear')."""
+    pos = (len(ordered) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def percentiles(samples: Sequence[float]) -> dict[str, float]:
+    """`{"n", "p50", "p90", "p99", "max", "mean"}` of `samples` (rounded to 0.001)."""
+    if not samples:
+        return {"n": 0}
+    ordered = sorted(samples)
+    out: dict[str, float] = {"n": len(ordered)}
+    for p in _PERCENTILES:
+        out[f"p{p:g}"] = round(_quantile(ordered, p / 100.0), 3)
+    out["max"] = round(ordered[-1], 3)
+    out["mean"] = round(sum(ordered) / len(ordered), 3)
+    return out
+
+
+def write_json(name: str, data: dict[str, Any], when: str) -> Path:
+    """`benchmarks/results/<name>-<when>.json`."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}-{when}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def add_row(section: str, intro: str, columns: Sequence[str], row: Sequence[str]) -> Path:
+    """Append `row` to the table of `section` in BENCHMARKS.md (created with its header).
+
+    Each benchmark owns one `## section` with one table; rows go after its last row, so
+    sections of other benchmarks stay where they are.
+    """
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else _MD_HEADER
+    heading = f"## {section}"
+    line = "| " + " | ".join(cell.replace("|", "/") for cell in row) + " |"
+    lines = text.rstrip("\n").split("\n")
+    if heading not in lines:
+        lines += [
+            "",
+            heading,
+            "",
+            *intro.strip("\n").split("\n"),
+            "",
+            "| " + " | ".join(columns) + " |",
+            "|" + "|".join("---" for _ in columns) + "|",
+        ]
+    start = lines.index(heading)
+    end = start + 1
+    while end < len(lines) and not lines[end].startswith("## "):
+        end += 1
+    last_table = max(i for i in range(start, end) if lines[i].startswith("|"))
+    lines.insert(last_table + 1, line)
+    BENCHMARKS_MD.write_text("\n".join(lines) + "\n")
+    return BENCHMARKS_MD
