@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -83,17 +84,32 @@ class Params:
 
 
 @dataclass
-class GatewaySample:
+class Sample:
+    """One upstream request, direct or through the gateway."""
+
+    id: str  # sent as X-Client-Request-Id: the simulator's log has it
+    sent_ms: float  # epoch ms when the call started (joins with the simulator's log)
     ttft_ms: float
-    # done.timing.ttft_ms: gateway ingest -> first chunk handed to its producer.
-    internal_ms: float | None
+    # Through the gateway: done.timing.ttft_ms, ingest -> first chunk handed to its producer.
+    internal_ms: float | None = None
+    # Epoch ms the simulator started handling the call (from its log, 1 ms resolution).
+    upstream_at_ms: float | None = None
+
+    @property
+    def to_upstream_ms(self) -> float | None:
+        return None if self.upstream_at_ms is None else self.upstream_at_ms - self.sent_ms
+
+    @property
+    def from_upstream_ms(self) -> float | None:
+        to = self.to_upstream_ms
+        return None if to is None else self.ttft_ms - to
 
 
 @dataclass
 class LoadResult:
     kafka_hop: list[float] = field(default_factory=list)
-    direct: list[float] = field(default_factory=list)
-    gateway: list[GatewaySample] = field(default_factory=list)
+    direct: list[Sample] = field(default_factory=list)
+    gateway: list[Sample] = field(default_factory=list)
     max_start_lag_ms: float = 0.0
 
 
@@ -194,21 +210,24 @@ class Direct:
             base_url=dep.base_url, api_key=os.environ[dep.api_key_env], max_retries=0
         )
 
-    async def once(self, i: int) -> float:
+    async def once(self, i: int) -> Sample:
+        rid = f"direct-{uuid.uuid4().hex}"
         ttft: float | None = None
+        sent_ms = time.time() * 1000.0
         t0 = time.perf_counter()
         stream = await self.client.chat.completions.create(
             model=self.model,
             messages=[{"role": "user", "content": PROMPT}],
             max_tokens=self.max_tokens,
             stream=True,
+            extra_headers={"X-Client-Request-Id": rid},
         )
         async for chunk in stream:  # read to the end so the connection is reused
             if ttft is None and chunk.choices and chunk.choices[0].delta.content:
                 ttft = _ms(t0)
         if ttft is None:
             raise RuntimeError("direct: the stream carried no content")
-        return ttft
+        return Sample(rid, sent_ms, ttft)
 
     async def close(self) -> None:
         await self.client.close()
@@ -226,10 +245,11 @@ class ViaGateway:
             "stream": True,
         }
 
-    async def once(self, i: int) -> GatewaySample:
+    async def once(self, i: int) -> Sample:
         request = self.client.build(self.body)
         ttft: float | None = None
         internal: float | None = None
+        sent_ms = time.time() * 1000.0
         t0 = time.perf_counter()
         await self.client.send(request)
         async for reply in self.client.replies(request.id, timeout_s=60):
@@ -244,7 +264,7 @@ class ViaGateway:
                 raise RuntimeError(f"gateway answered an error: {reply.error}")
         if ttft is None:
             raise RuntimeError("gateway: no chunk carried content")
-        return GatewaySample(ttft, internal)
+        return Sample(request.id, sent_ms, ttft, internal_ms=internal)
 
 
 # -- load shapes --------------------------------------------------------------------------
@@ -317,6 +337,18 @@ def _wait_line(path: Path, marker: bytes, proc: subprocess.Popen[bytes], timeout
         time.sleep(0.05)
 
 
+def _start_simulator(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`quotaflow sim` in its own process (and session), output to `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "sim", "--config", str(config_path)],
+            stdout=out,
+            stderr=out,
+            cwd=REPO,
+            start_new_session=True,
+        )
+
+
 def _stop_proc(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -353,6 +385,7 @@ async def _measure(p: Params, work: Path, notes: dict[str, Any]) -> dict[str, Lo
         raw = sim_config_dict(
             bootstrap=bootstrap,
             sim_port=free_port(),
+            sim_log=work / "sim.jsonl",
             limits=LIMITS,
             sim={
                 "ttft_ms": p.sim_ttft_ms,
@@ -363,14 +396,7 @@ async def _measure(p: Params, work: Path, notes: dict[str, Any]) -> dict[str, Lo
         config_path = work / "quotaflow.yaml"
         config = write_config(raw, config_path)
         sim_log = work / "sim.out"
-        with sim_log.open("wb") as out:
-            sim_proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "sim", "--config", str(config_path)],
-                stdout=out,
-                stderr=out,
-                cwd=REPO,
-                start_new_session=True,
-            )
+        sim_proc = _start_simulator(config_path, sim_log)
         line = await asyncio.to_thread(
             _wait_line, sim_log, b"simulator listening on", sim_proc, 60.0
         )
@@ -397,7 +423,9 @@ async def _measure(p: Params, work: Path, notes: dict[str, Any]) -> dict[str, Lo
             await client.stop()
             await direct.close()
             await floor.stop()
-        return {"sequential": seq, f"rate_{p.rate:g}": rated}
+        results = {"sequential": seq, f"rate_{p.rate:g}": rated}
+        _join_simulator_log(work / "sim.jsonl", results)
+        return results
     finally:
         if gateway is not None:
             notes["gateway_exit"] = await gateway.stop()
@@ -406,13 +434,34 @@ async def _measure(p: Params, work: Path, notes: dict[str, Any]) -> dict[str, Lo
         await asyncio.to_thread(kafka.down)
 
 
+def _join_simulator_log(path: Path, results: dict[str, LoadResult]) -> None:
+    """Fill `upstream_at_ms` of every sample from the simulator's JSONL request log."""
+    arrived: dict[str, float] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        rec = json.loads(line)
+        rid = rec.get("client_request_id")
+        if rid and rec.get("duration_ms") is not None:
+            arrived[rid] = float(rec["ts_ms"]) - float(rec["duration_ms"])
+    for res in results.values():
+        for s in (*res.direct, *res.gateway):
+            s.upstream_at_ms = arrived.get(s.id)
+
+
+def _present(values: Sequence[float | None]) -> list[float]:
+    return [v for v in values if v is not None]
+
+
 def _summarise(res: LoadResult) -> dict[str, Any]:
     hop = percentiles(res.kafka_hop)
-    direct = percentiles(res.direct)
+    direct = percentiles([s.ttft_ms for s in res.direct])
     gw = percentiles([s.ttft_ms for s in res.gateway])
-    internal_samples = [s.internal_ms for s in res.gateway if s.internal_ms is not None]
+    internal_samples = _present([s.internal_ms for s in res.gateway])
     outside = [s.ttft_ms - s.internal_ms for s in res.gateway if s.internal_ms is not None]
     internal = percentiles(internal_samples)
+    d_to = percentiles(_present([s.to_upstream_ms for s in res.direct]))
+    d_from = percentiles(_present([s.from_upstream_ms for s in res.direct]))
+    g_to = percentiles(_present([s.to_upstream_ms for s in res.gateway]))
+    g_from = percentiles(_present([s.from_upstream_ms for s in res.gateway]))
     over = {q: round(gw[q] - direct[q], 3) for q in ("p50", "p90", "p99")}
     return {
         "kafka_hop_ms": hop,
@@ -424,6 +473,20 @@ def _summarise(res: LoadResult) -> dict[str, Any]:
         "gateway_inside_minus_direct_ms": {
             q: round(internal[q] - direct[q], 3) for q in ("p50", "p99")
         },
+        # Split at the simulator's arrival time (its log; 1 ms resolution): call start ->
+        # upstream starts handling it, and upstream start -> first content token at the caller.
+        "direct_to_upstream_ms": d_to,
+        "direct_from_upstream_ms": d_from,
+        "gateway_to_upstream_ms": g_to,
+        "gateway_from_upstream_ms": g_from,
+        "overhead_request_side_ms": {
+            q: round(g_to[q] - d_to[q], 3) for q in ("p50", "p99") if q in g_to and q in d_to
+        },
+        "overhead_reply_side_ms": {
+            q: round(g_from[q] - d_from[q], 3)
+            for q in ("p50", "p99")
+            if q in g_from and q in d_from
+        },
         # Differences of percentiles (the series are not paired sample by sample).
         "overhead_ms": over,
         "overhead_over_hop": {q: round(over[q] / hop[q], 2) for q in ("p50", "p99") if hop.get(q)},
@@ -433,11 +496,17 @@ def _summarise(res: LoadResult) -> dict[str, Any]:
         "max_start_lag_ms": res.max_start_lag_ms,
         "samples": {
             "kafka_hop_ms": [round(x, 3) for x in res.kafka_hop],
-            "direct_ttft_ms": [round(x, 3) for x in res.direct],
+            "direct_ttft_ms": [round(s.ttft_ms, 3) for s in res.direct],
             "gateway_ttft_ms": [round(s.ttft_ms, 3) for s in res.gateway],
             "gateway_inside_ms": [round(x, 3) for x in internal_samples],
+            "direct_to_upstream_ms": _rounded([s.to_upstream_ms for s in res.direct]),
+            "gateway_to_upstream_ms": _rounded([s.to_upstream_ms for s in res.gateway]),
         },
     }
+
+
+def _rounded(values: Sequence[float | None]) -> list[float | None]:
+    return [None if v is None else round(v, 3) for v in values]
 
 
 async def run(p: Params) -> dict[str, Any]:
@@ -485,7 +554,11 @@ async def run(p: Params) -> dict[str, Any]:
 _TABLE_ROWS = (
     ("kafka hop", "kafka_hop_ms"),
     ("direct TTFT", "direct_ttft_ms"),
+    ("  send->upstream", "direct_to_upstream_ms"),
+    ("  upstream->token", "direct_from_upstream_ms"),
     ("gateway TTFT", "gateway_ttft_ms"),
+    ("  send->upstream", "gateway_to_upstream_ms"),
+    ("  upstream->token", "gateway_from_upstream_ms"),
     ("  inside gateway", "gateway_inside_ms"),
     ("  outside gateway", "gateway_outside_ms"),
 )
@@ -497,6 +570,8 @@ def format_table(result: dict[str, Any]) -> str:
     for load, s in result["series"].items():
         for label, key in _TABLE_ROWS:
             q = s[key]
+            if not q.get("n"):
+                continue
             lines.append(
                 f"{label:<20}{load:<12}{q['n']:>5}{q['p50']:>9.2f}{q['p90']:>9.2f}"
                 f"{q['p99']:>9.2f}{q['max']:>9.2f}"
@@ -506,6 +581,15 @@ def format_table(result: dict[str, Any]) -> str:
             f"{'overhead gw-direct':<20}{load:<12}{'':>5}{o['p50']:>9.2f}{o['p90']:>9.2f}"
             f"{o['p99']:>9.2f}"
         )
+        for label, key in (
+            ("  request side", "overhead_request_side_ms"),
+            ("  reply side", "overhead_reply_side_ms"),
+        ):
+            part = s[key]
+            if part:
+                lines.append(
+                    f"{label:<20}{load:<12}{'':>5}{part['p50']:>9.2f}{'':>9}{part['p99']:>9.2f}"
+                )
         lines.append(
             f"{'overhead / hop':<20}{load:<12}{'':>5}{r.get('p50', 0):>9.2f}{'':>9}"
             f"{r.get('p99', 0):>9.2f}"

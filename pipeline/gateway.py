@@ -115,6 +115,8 @@ class Gateway:
         self._tickets = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._candidates: dict[int, tuple[str, ...]] = {}
+        # Tickets handed to a caller actor: from then on the caller owns their answer.
+        self._dispatched: set[int] = set()
         self._offsets: OffsetTracker[TopicPartition] = OffsetTracker()
         self._paused = False
         self._consumer: Any = None
@@ -252,7 +254,27 @@ class Gateway:
         if answers:
             await asyncio.gather(*answers)
         if accepted:
-            await self._route(accepted)
+            try:
+                await self._route(accepted)
+            except ray.exceptions.RayError as exc:
+                await self._fail_stage(accepted, exc)
+
+    async def _fail_stage(self, accepted: dict[int, _Pending], exc: BaseException) -> None:
+        """An actor stage failed: answer every ticket of the batch not yet answered or granted.
+
+        Tickets already handed to a caller are left to it; the rest get a retryable
+        `internal` error, so no accepted request ends in silence.
+        """
+        log.error("stage_failed", error=repr(exc), batch=len(accepted))
+        self._candidates.clear()
+        stuck = [t for t in accepted if t in self._pending and t not in self._dispatched]
+        await asyncio.gather(
+            *(
+                self._answer(t, "internal", f"gateway stage failed: {type(exc).__name__}")
+                for t in stuck
+            ),
+            return_exceptions=True,
+        )
 
     def _authorize(self, req: Request, headers: Sequence[tuple[str, bytes]]) -> None:
         if not self._tenant_keys:
@@ -366,6 +388,7 @@ class Gateway:
         by_caller: dict[int, list[Job]] = {}
         for job in jobs:
             by_caller.setdefault(next(self._caller_rr) % len(callers), []).append(job)
+        self._dispatched.update(job.ticket for job in jobs)
         await asyncio.gather(
             *(callers[i].submit.remote(self.owner, batch) for i, batch in by_caller.items())
         )
@@ -383,7 +406,15 @@ class Gateway:
                 await asyncio.sleep(timeout)
                 continue
             if decisions:
-                await self._decided(decisions)
+                try:
+                    await self._decided(decisions)
+                except ray.exceptions.RayError as exc:
+                    tickets = {
+                        d.ticket: self._pending[d.ticket]
+                        for d in decisions
+                        if d.ticket in self._pending
+                    }
+                    await self._fail_stage(tickets, exc)
 
     async def _finished_loop(self, caller: Any) -> None:
         timeout = self.config.quota.grant_poll_timeout_s
@@ -418,6 +449,7 @@ class Gateway:
 
     def _finish(self, ticket: int) -> None:
         p = self._pending.pop(ticket, None)
+        self._dispatched.discard(ticket)
         if p is None:
             return
         self.stats.finished += 1

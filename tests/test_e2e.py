@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pipeline.client import QuotaflowClient
 from pipeline.simulator import completion_tokens_for, expected_text
 from tests.conftest import SESSION_MAX_IN_FLIGHT, SIM_BAD_KEY_ENV, Stack
-from topics.wire import ChunkReply, CompletionReply, DoneReply, ErrorReply
+from topics.wire import CompletionReply, DoneReply, ErrorReply
 
 pytestmark = pytest.mark.integration
 

@@ -295,9 +295,7 @@ def parse_config(data: bytes | str | dict[str, Any], *, source: str = "<config>"
 def _explain(msg: str, raw: Any) -> str:
     """Add the offending value to msgspec's message, which names only the path."""
     m = _KEY_PATH.search(msg)
-    if not m:
-        return msg
-    path = m.group("path")
+    path = m.group("path") if m else ""
     unknown = re.search(r"unknown field `([^`]*)`", msg)
     if unknown:
         path = f"{path}.{unknown.group(1)}"

@@ -1,0 +1,275 @@
+"""Pure logic without Kafka or Ray: config, validation, offsets, cache, routing, logging."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+import pytest
+import structlog
+from structlog.testing import LogCapture
+
+from actors._exact_cache import ExactCache, cache_key, cacheable
+from actors._messages import CacheEntry, RouteAsk
+from actors._routing import Router
+from pipeline._offsets import OffsetTracker
+from pipeline._validate import parse_request, salvage
+from topics.config import CacheConfig, parse_config
+from topics.errors import ConfigError, InvalidRequest
+from topics.logs import REDACTED, redact
+from topics.specs import REPLY_DECODER, REPLY_ENCODER, topic_specs
+from topics.wire import ChunkReply, DoneReply, Request, Timing, TokenUsage
+
+BASE: dict[str, Any] = {
+    "deployments": [
+        {"name": "a", "base_url": "http://127.0.0.1:1/v1", "api_key_env": "KA", "model": "m"},
+        {"name": "b", "base_url": "http://127.0.0.1:1/v1", "api_key_env": "KB", "model": "m"},
+    ],
+    "models": [
+        {"name": "fast", "deployments": ["a", "b"], "aliases": ["small"]},
+        {"name": "big", "deployments": ["b"]},
+    ],
+}
+
+
+# -- config ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"bogus": 1}, "key path bogus, value 1"),
+        ({"gateway": {"max_in_flight": 0}}, "key path gateway.max_in_flight, value 0"),
+        ({"kafka": {"linger": 5}}, "key path kafka.linger"),
+        ({"models": [{"name": "x", "deployments": ["zzz"]}]}, "unknown deployment 'zzz'"),
+        ({"models": [{"name": "auto", "deployments": ["a"]}]}, "'auto' is reserved"),
+    ],
+)
+def test_config_errors_name_key_and_value(patch: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace(".", r"\.")):
+        parse_config({**BASE, **patch})
+
+
+def test_config_error_for_bad_limit_names_the_path() -> None:
+    raw = json.loads(json.dumps(BASE))
+    raw["deployments"][1]["limits"] = {"rpm": -5}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert "deployments[1].limits.rpm" in str(info.value)
+    assert "-5" in str(info.value)
+
+
+def test_internal_topics_are_compacted() -> None:
+    specs = {s.name: s for s in topic_specs(parse_config(BASE))}
+    assert specs["llm.requests"].cleanup_policy == "delete"
+    assert specs["quotaflow.cache"].cleanup_policy == "compact"
+    assert all(
+        s.cleanup_policy == "compact" for n, s in specs.items() if n.startswith("quotaflow.")
+    )
+
+
+# -- request validation ------------------------------------------------------------------
+
+GOOD = {"id": "r1", "request": {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}}
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "value"),
+    [
+        ({"priority": 12}, "priority", None),
+        ({"tier": "gold"}, "tier", None),
+        ({"id": ""}, "id", None),
+        ({"request": {"messages": [{"role": "user", "content": "x"}]}}, "request.model", "None"),
+        ({"request": {"model": "fast", "messages": "hi"}}, "request.messages", "'hi'"),
+        (
+            {"request": {"model": "fast", "messages": [{"role": "user", "content": 5}]}},
+            "request.messages[0].content",
+            "5",
+        ),
+        (
+            {
+                "request": {
+                    "model": "fast",
+                    "max_tokens": -1,
+                    "messages": [{"role": "user", "content": "x"}],
+                }
+            },
+            "request.max_tokens",
+            "-1",
+        ),
+    ],
+)
+def test_invalid_requests_name_field_and_value(
+    patch: dict[str, Any], field: str, value: str | None
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_request(json.dumps({**GOOD, **patch}).encode())
+    assert info.value.message.startswith(field), info.value.message
+    if value is not None:
+        assert value in info.value.message
+
+
+def test_salvage_reads_id_and_reply_to_from_broken_requests() -> None:
+    broken = json.dumps({"id": "x1", "reply_to": "my.replies", "request": 5}).encode()
+    found = salvage(broken)
+    assert found is not None
+    assert (found.id, found.reply_to) == ("x1", "my.replies")
+    assert salvage(b"{nope") is None
+    assert salvage(json.dumps({"id": "x", "reply_to": "bad topic!"}).encode()) is None
+
+
+def test_reply_union_round_trips_with_type_tag() -> None:
+    done = DoneReply(
+        id="r",
+        seq=3,
+        finish_reason="stop",
+        usage=TokenUsage(),
+        model="fast",
+        deployment="a",
+        timing=Timing(),
+    )
+    wire = json.loads(REPLY_ENCODER.encode(done))
+    assert wire["type"] == "done"
+    assert isinstance(REPLY_DECODER.decode(REPLY_ENCODER.encode(done)), DoneReply)
+    chunk = ChunkReply(id="r", seq=0, chunk={"object": "chat.completion.chunk"})
+    assert json.loads(REPLY_ENCODER.encode(chunk))["type"] == "chunk"
+
+
+# -- offsets ---------------------------------------------------------------------------
+
+
+def test_offsets_commit_only_behind_the_oldest_unanswered() -> None:
+    t: OffsetTracker[str] = OffsetTracker()
+    for off in (10, 11, 12):
+        t.add("p0", off)
+    t.done("p0", 11)
+    assert t.committable() == {"p0": 10}
+    t.mark_committed({"p0": 10})
+    assert t.committable() == {}
+    t.done("p0", 10)
+    assert t.committable() == {"p0": 12}
+    t.done("p0", 12)
+    assert t.committable() == {"p0": 13}
+    t.forget("p0")
+    assert t.committable() == {}
+
+
+# -- exact cache -------------------------------------------------------------------------
+
+
+def _req(**body: Any) -> Request:
+    return msgspec.convert(
+        {
+            "id": "r",
+            "request": {"model": "fast", "messages": [{"role": "user", "content": "q"}], **body},
+        },
+        Request,
+    )
+
+
+def test_cache_key_ignores_transport_fields_and_sees_answer_fields() -> None:
+    base = cache_key(_req(temperature=0), "fast")
+    assert cache_key(_req(temperature=0, stream=True, user="u"), "fast") == base
+    assert cache_key(_req(temperature=0, max_tokens=5), "fast") != base
+    assert cache_key(_req(temperature=0), "big") != base
+    other_tenant = msgspec.structs.replace(_req(temperature=0), tenant="other")
+    assert cache_key(other_tenant, "fast") != base
+
+
+def test_only_deterministic_requests_are_cacheable() -> None:
+    cfg = CacheConfig()
+    assert cacheable(_req(temperature=0), cfg)
+    assert not cacheable(_req(), cfg)  # OpenAI's default temperature is 1
+    assert not cacheable(_req(temperature=0.7), cfg)
+    assert not cacheable(msgspec.structs.replace(_req(temperature=0), cache="bypass"), cfg)
+
+
+def _entry(key: str, text: str = "x", at: float = 0.0) -> CacheEntry:
+    return CacheEntry(
+        key=key,
+        text=text,
+        finish_reason="stop",
+        prompt_tokens=1,
+        completion_tokens=1,
+        upstream_model="m",
+        model="fast",
+        stored_at=at,
+    )
+
+
+def test_cache_evicts_least_recently_used_and_expires_by_ttl() -> None:
+    now = [0.0]
+    cache = ExactCache(CacheConfig(max_entries=2, ttl_s=10), clock=lambda: now[0])
+    cache.put(_entry("a"))
+    cache.put(_entry("b"))
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put(_entry("c"))
+    assert cache.get("b") is None
+    assert cache.evictions == 1
+    now[0] = 11.0
+    assert cache.get("a") is None
+    assert len(cache) == 1
+
+
+def test_cache_bounds_bytes() -> None:
+    cache = ExactCache(CacheConfig(max_bytes=1000))
+    cache.put(_entry("a", "x" * 600))
+    cache.put(_entry("b", "y" * 600))
+    assert len(cache) == 1
+    assert cache.bytes <= 1000
+
+
+# -- routing -----------------------------------------------------------------------------
+
+
+def test_router_resolves_aliases_auto_and_orders_by_headroom() -> None:
+    router = Router(parse_config(BASE))
+    r1, r2, r3 = router.route(
+        [RouteAsk(1, "small", "t"), RouteAsk(2, "auto", "t"), RouteAsk(3, "x", "t")]
+    )
+    assert (r1.model, r1.candidates) == ("fast", ("a", "b"))
+    assert r2.model == "fast"
+    assert r3.error == "unknown_model"
+    assert r3.message is not None
+    assert "'x'" in r3.message
+    router.update_headroom({"a": 0.1, "b": 0.9})
+    assert router.route([RouteAsk(4, "fast", "t")])[0].candidates == ("b", "a")
+
+
+# -- logging -----------------------------------------------------------------------------
+
+
+def test_logs_redact_keys_and_authorization() -> None:
+    cap = LogCapture()
+    structlog.configure(processors=[redact, cap])
+    try:
+        log = structlog.get_logger().bind(request_id="r1", tenant="t1")
+        log.info(
+            "call",
+            authorization="Bearer sk-live-abcdefghijkl",
+            api_key="sk-live-abcdefghijkl",
+            note="header was Bearer abc.def and key sk-proj-1234567890",
+            headers={"Authorization": "Bearer zzz", "x": 1},
+        )
+    finally:
+        structlog.reset_defaults()
+    (event,) = cap.entries
+    assert event["authorization"] == REDACTED
+    assert event["api_key"] == REDACTED
+    assert event["headers"] == {"Authorization": REDACTED, "x": 1}
+    assert "abc.def" not in event["note"]
+    assert "sk-proj-1234567890" not in event["note"]
+    assert event["request_id"] == "r1"
+    assert event["tenant"] == "t1"
+
+
+def test_shipped_example_configs_are_valid() -> None:
+    from pathlib import Path
+
+    from topics.config import load_config
+
+    examples = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        assert load_config(path).deployments
