@@ -8,7 +8,13 @@ import ray
 
 from topics.config import Config
 
-__all__ = ["named_actor"]
+__all__ = ["actor_by_name", "named_actor"]
+
+
+def actor_by_name(config: Config, name: str) -> Any:
+    """A handle to a named actor of this gateway (resolved when needed, so that an actor
+    restarted by Ray never depends on handles it was constructed with)."""
+    return ray.get_actor(name, namespace=config.gateway.ray_namespace)
 
 
 def named_actor(

@@ -16,8 +16,9 @@ from actors._messages import CacheEntry, CacheLookup
 from actors._ray import named_actor
 from actors._replies import ReplyStream
 from topics.config import Config
+from topics.logs import configure_logging
 
-__all__ = ["CacheShard", "cache_actors", "shard_of"]
+__all__ = ["CacheShard", "cache_actor_name", "cache_actors", "shard_of"]
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -29,6 +30,7 @@ class CacheShard:
     """Actor body: an ExactCache plus a Kafka producer for replays."""
 
     def __init__(self, config: Config, shard: int) -> None:
+        configure_logging(config.logging)
         self._config = config
         self.shard = shard
         self.cache = ExactCache(config.cache)
@@ -83,9 +85,13 @@ class CacheShard:
             self._producer = None
 
 
+def cache_actor_name(shard: int) -> str:
+    return f"quotaflow.cache.{shard}"
+
+
 def cache_actors(config: Config) -> list[Any]:
     """Get or create the named cache shards."""
     return [
-        named_actor(CacheShard, config, f"quotaflow.cache.{i}", config, i, max_concurrency=100)
+        named_actor(CacheShard, config, cache_actor_name(i), config, i, max_concurrency=100)
         for i in range(config.cache.shards)
     ]

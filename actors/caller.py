@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -17,11 +16,13 @@ import structlog
 
 from actors._kafka import make_producer
 from actors._messages import CacheEntry, Finished, Job, Settlement
-from actors._ray import named_actor
+from actors._ray import actor_by_name, named_actor
 from actors._replies import ReplyStream
 from actors._upstream import Outcome, Upstream
-from actors.cache import shard_of
+from actors.cache import cache_actor_name, shard_of
+from actors.quota import QUOTA_ACTOR_NAME
 from topics.config import Config
+from topics.logs import configure_logging
 
 __all__ = ["Caller", "caller_actors"]
 
@@ -31,14 +32,13 @@ log = structlog.get_logger("quotaflow.caller")
 class Caller:
     """Actor body. Logic of a single call lives in `Upstream`; this schedules and batches."""
 
-    def __init__(self, config: Config, index: int, quota: Any, caches: Sequence[Any]) -> None:
-        from topics.logs import configure_logging  # actors run in their own processes
-
-        configure_logging(config.logging)
+    def __init__(self, config: Config, index: int) -> None:
+        configure_logging(config.logging)  # each actor is a process of its own
         self._config = config
         self.index = index
-        self._quota = quota
-        self._caches = list(caches)
+        # Resolved by name on first use, so a restarted caller needs no handles.
+        self._quota: Any = None
+        self._caches: list[Any] | None = None
         self._upstream = Upstream(config)
         self._producer: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -49,6 +49,15 @@ class Caller:
         self._flush_task: asyncio.Task[None] | None = None
         self._flush_s = config.gateway.flush_ms / 1000.0
         self.calls = 0
+
+    def _peers(self) -> tuple[Any, list[Any]]:
+        if self._quota is None:
+            self._quota = actor_by_name(self._config, QUOTA_ACTOR_NAME)
+        if self._caches is None:
+            cfg = self._config.cache
+            n = cfg.shards if cfg.enabled else 0
+            self._caches = [actor_by_name(self._config, cache_actor_name(i)) for i in range(n)]
+        return self._quota, self._caches
 
     async def _start(self) -> None:
         if self._producer is None:
@@ -140,21 +149,23 @@ class Caller:
     async def _flush(self) -> None:
         settle, self._settle = self._settle, []
         puts, self._puts = self._puts, []
-        calls = []
-        if settle:
-            calls.append(self._quota.settle.remote(settle))
-        if puts and self._caches:
-            by_shard: dict[int, list[CacheEntry]] = {}
-            for e in puts:
-                by_shard.setdefault(shard_of(e.key, len(self._caches)), []).append(e)
-            calls.extend(self._caches[i].put_many.remote(batch) for i, batch in by_shard.items())
-        if calls:
-            try:
-                await asyncio.gather(*calls)
-            except ray.exceptions.RayActorError:
-                # The quota or a cache actor is restarting; a lost settlement only keeps a
-                # reservation until its window entry expires: conservative, never over.
-                log.warning("flush_failed", settlements=len(settle), cache_puts=len(puts))
+        if not settle and not puts:
+            return
+        try:
+            quota, caches = self._peers()
+            calls = []
+            if settle:
+                calls.append(quota.settle.remote(settle))
+            if puts and caches:
+                by_shard: dict[int, list[CacheEntry]] = {}
+                for e in puts:
+                    by_shard.setdefault(shard_of(e.key, len(caches)), []).append(e)
+                calls.extend(caches[i].put_many.remote(batch) for i, batch in by_shard.items())
+            await asyncio.gather(*calls)
+        except (ray.exceptions.RayActorError, ValueError):
+            # The quota or a cache actor is restarting; a lost settlement only keeps a
+            # reservation until its window entry expires: conservative, never over.
+            log.warning("flush_failed", settlements=len(settle), cache_puts=len(puts))
 
     async def stats(self) -> dict[str, Any]:
         return {"caller": self.index, "in_flight": len(self._tasks), "calls": self.calls}
@@ -174,7 +185,7 @@ class Caller:
             self._producer = None
 
 
-def caller_actors(config: Config, quota: Any, caches: Sequence[Any]) -> list[Any]:
+def caller_actors(config: Config) -> list[Any]:
     """Get or create the named upstream callers (each runs many streams at once)."""
     return [
         named_actor(
@@ -183,8 +194,6 @@ def caller_actors(config: Config, quota: Any, caches: Sequence[Any]) -> list[Any
             f"quotaflow.caller.{i}",
             config,
             i,
-            quota,
-            caches,
             max_concurrency=10_000,
         )
         for i in range(config.gateway.caller_actors)

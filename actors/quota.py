@@ -14,6 +14,7 @@ from actors._messages import Admitted, Ask, Decision, Settlement
 from actors._quota_book import QuotaBook
 from actors._ray import named_actor
 from topics.config import Config
+from topics.logs import configure_logging
 
 __all__ = ["QUOTA_ACTOR_NAME", "QuotaService", "quota_actor"]
 
@@ -24,6 +25,7 @@ class QuotaService:
     """Async wrapper that wakes queued asks when leases settle or windows expire."""
 
     def __init__(self, config: Config) -> None:
+        configure_logging(config.logging)
         self.book = QuotaBook(config)
         self._tick_s = config.quota.tick_ms / 1000.0
         self._wake = asyncio.Event()

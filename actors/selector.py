@@ -12,24 +12,30 @@ from typing import Any
 import ray
 
 from actors._messages import Route, RouteAsk
-from actors._ray import named_actor
+from actors._ray import actor_by_name, named_actor
 from actors._routing import Router
+from actors.quota import QUOTA_ACTOR_NAME
 from topics.config import Config
+from topics.logs import configure_logging
 
 __all__ = ["Selector", "selector_actors"]
 
 
 class Selector:
-    def __init__(self, config: Config, quota: Any) -> None:
+    def __init__(self, config: Config) -> None:
+        configure_logging(config.logging)
         self.router = Router(config)
-        self._quota = quota
+        self._config = config
+        self._quota: Any = None
         self._refresh_s = config.gateway.headroom_refresh_ms / 1000.0
         self._task: asyncio.Task[None] | None = None
 
     async def _refresh(self) -> None:
         while True:
             # While the quota actor restarts, keep the last headroom.
-            with contextlib.suppress(ray.exceptions.RayActorError):
+            with contextlib.suppress(ray.exceptions.RayActorError, ValueError):
+                if self._quota is None:
+                    self._quota = actor_by_name(self._config, QUOTA_ACTOR_NAME)
                 self.router.update_headroom(await self._quota.headroom.remote())
             await asyncio.sleep(self._refresh_s)
 
@@ -43,9 +49,9 @@ class Selector:
         return self.router.route(asks)
 
 
-def selector_actors(config: Config, quota: Any) -> list[Any]:
+def selector_actors(config: Config) -> list[Any]:
     """Get or create the named model selectors."""
     return [
-        named_actor(Selector, config, f"quotaflow.selector.{i}", config, quota, max_concurrency=100)
+        named_actor(Selector, config, f"quotaflow.selector.{i}", config, max_concurrency=100)
         for i in range(config.gateway.selector_actors)
     ]

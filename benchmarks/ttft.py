@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -66,7 +67,6 @@ FLOOR_TOPIC = "bench.kafka-floor"
 PROMPT = "Benchmark: say something short."
 # Limits far above what the benchmark sends: nothing may wait for quota.
 LIMITS = {"rpm": 100_000, "tpm": 100_000_000}
-_RAY_NEEDLES = (b"raylet", b"gcs_server", b"pipeline.cli", b"kafka.Kafka")
 
 _T = TypeVar("_T")
 
@@ -236,8 +236,11 @@ class Direct:
 class ViaGateway:
     """`QuotaflowClient.send` to the first content chunk, then on to the terminal reply."""
 
-    def __init__(self, client: QuotaflowClient, max_tokens: int) -> None:
+    def __init__(
+        self, client: QuotaflowClient, max_tokens: int, exited: Callable[[], int | None]
+    ) -> None:
         self.client = client
+        self._exited = exited
         self.body = {
             "model": "fast",
             "messages": [{"role": "user", "content": PROMPT}],
@@ -252,16 +255,23 @@ class ViaGateway:
         sent_ms = time.time() * 1000.0
         t0 = time.perf_counter()
         await self.client.send(request)
-        async for reply in self.client.replies(request.id, timeout_s=60):
-            if isinstance(reply, ChunkReply):
-                if ttft is None and any(
-                    (c.get("delta") or {}).get("content") for c in reply.chunk.get("choices") or []
-                ):
-                    ttft = _ms(t0)
-            elif isinstance(reply, DoneReply):
-                internal = reply.timing.ttft_ms
-            elif isinstance(reply, ErrorReply):
-                raise RuntimeError(f"gateway answered an error: {reply.error}")
+        try:
+            async for reply in self.client.replies(request.id, timeout_s=30):
+                if isinstance(reply, ChunkReply):
+                    if ttft is None and any(
+                        (c.get("delta") or {}).get("content")
+                        for c in reply.chunk.get("choices") or []
+                    ):
+                        ttft = _ms(t0)
+                elif isinstance(reply, DoneReply):
+                    internal = reply.timing.ttft_ms
+                elif isinstance(reply, ErrorReply):
+                    raise RuntimeError(f"gateway answered an error: {reply.error}")
+        except TimeoutError:
+            code = self._exited()
+            if code is not None:
+                raise RuntimeError(f"the gateway process exited (code {code}) mid-run") from None
+            raise RuntimeError(f"no reply from the gateway in 30 s for {request.id}") from None
         if ttft is None:
             raise RuntimeError("gateway: no chunk carried content")
         return Sample(request.id, sent_ms, ttft, internal_ms=internal)
@@ -359,17 +369,36 @@ def _stop_proc(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
             proc.wait()
 
 
-def _our_processes() -> dict[int, str]:
-    """Processes of the kinds a run starts (broker, Ray, simulator, gateway)."""
-    found: dict[int, str] = {}
+def _other_stacks() -> int:
+    """Brokers, Ray nodes, simulators and gateways already running (not this run's)."""
+    kinds = (b"kafka.Kafka", b"raylet", b"pipeline.cli")
+    count = 0
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            count += any(k in cmd for k in kinds)
+    return count
+
+
+def _leftovers(work: Path, gateway_pid: int | None) -> dict[int, str]:
+    """Processes this run started that are still alive: anything naming the work dir
+    (broker, simulator, gateway) and the Ray session the gateway started (its name ends
+    with the gateway's pid). Other runs' processes on the machine are not ours."""
+    needles = [str(work).encode()]
+    session = re.compile(rb"session_[0-9_-]+_%d\b" % gateway_pid) if gateway_pid else None
+    found: dict[int, str] = {}
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
             continue
         try:
             cmd = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if any(n in cmd for n in _RAY_NEEDLES):
+        if any(n in cmd for n in needles) or (session is not None and session.search(cmd)):
             found[int(entry.name)] = cmd.replace(b"\0", b" ").decode(errors="replace")[:160]
     return found
 
@@ -404,15 +433,18 @@ async def _measure(p: Params, work: Path, notes: dict[str, Any]) -> dict[str, Lo
         t = time.perf_counter()
         gateway = GatewayProcess(config_path, work / "gateway.log")
         await gateway.start()
+        assert gateway.proc is not None
+        notes["gateway_pid"] = gateway.proc.pid
         notes["gateway_start_s"] = round(time.perf_counter() - t, 1)
 
         floor = KafkaFloor(bootstrap)
         direct = Direct(config, p.max_tokens)
         client = QuotaflowClient(bootstrap, client_id="bench-ttft")
+        gw_proc = gateway.proc
         await floor.start()
         try:
             await client.start()
-            via = ViaGateway(client, p.max_tokens)
+            via = ViaGateway(client, p.max_tokens, gw_proc.poll)
             t = time.perf_counter()
             seq = await _sequential(floor, direct, via, p)
             notes["sequential_s"] = round(time.perf_counter() - t, 1)
@@ -513,15 +545,21 @@ async def run(p: Params) -> dict[str, Any]:
     """The whole benchmark; returns what goes to the results JSON."""
     started = datetime.now()
     t0 = time.perf_counter()
-    before = _our_processes()
     work = Path(tempfile.mkdtemp(prefix="qf-bench-ttft-"))
-    notes: dict[str, Any] = {"work_dir": str(work)}
+    # Anything else running shares the cores: say so in the results.
+    notes: dict[str, Any] = {
+        "work_dir": str(work),
+        "loadavg_at_start": os.getloadavg(),
+        "other_stacks_at_start": _other_stacks(),
+    }
     ok = False
     try:
         raw = await _measure(p, work, notes)
         ok = True
     finally:
-        left = {pid: cmd for pid, cmd in _our_processes().items() if pid not in before}
+        notes["loadavg_at_end"] = os.getloadavg()
+        notes["other_stacks_at_end"] = _other_stacks() - len(_leftovers(work, None))
+        left = _leftovers(work, notes.get("gateway_pid"))
         if left:
             print(f"warning: processes left behind: {left}", file=sys.stderr)
         if ok and not p.keep:
@@ -608,10 +646,13 @@ chunk calling the simulator with the openai SDK; **gateway** is `QuotaflowClient
 the first content `chunk` reply, through `quotaflow run`. **overhead** = gateway - direct
 (difference of the percentiles); a request crosses Kafka twice, so **ovh/hop** of 2 would
 be the physical floor. `sequential`: one request of each kind at a time, interleaved;
-`rate_10`: each series alone at 10 req/s, open loop. p99 of N=200 rests on ~2 samples."""
+`rate_10`: each series alone at 10 req/s, open loop. p99 of N=200 rests on ~2 samples.
+**loadavg** (1 min) at start and end: everything shares the machine's cores, so a
+rise means something else ran too, and the tails then say more about it than about us."""
 _MD_COLUMNS = (
     "date",
     "machine",
+    "bench",
     "load",
     "N",
     "kafka hop p50/p99",
@@ -620,6 +661,7 @@ _MD_COLUMNS = (
     "overhead p50/p99",
     "ovh/hop p50",
     "ovh/hop p99",
+    "loadavg start -> end",
     "results",
 )
 
@@ -632,6 +674,8 @@ def record(result: dict[str, Any], json_path: Path) -> Path:
     """One BENCHMARKS.md row per load of this run."""
     date = result["started_at"].replace("T", " ")[:16]
     summary = machine_summary(result["machine"])
+    notes = result["notes"]
+    loadavg = f"{notes['loadavg_at_start'][0]:.1f} -> {notes['loadavg_at_end'][0]:.1f}"
     path = json_path
     for load, s in result["series"].items():
         ratio = s["overhead_over_hop"]
@@ -642,6 +686,7 @@ def record(result: dict[str, Any], json_path: Path) -> Path:
             [
                 date,
                 summary,
+                result["benchmark"],
                 load,
                 str(s["gateway_ttft_ms"]["n"]),
                 _pair(s["kafka_hop_ms"]),
@@ -650,6 +695,7 @@ def record(result: dict[str, Any], json_path: Path) -> Path:
                 _pair(s["overhead_ms"]),
                 f"{ratio.get('p50', float('nan')):.1f}",
                 f"{ratio.get('p99', float('nan')):.1f}",
+                loadavg,
                 f"`{json_path.relative_to(REPO)}`",
             ],
         )

@@ -58,13 +58,11 @@ class Actors:
 
 def start_actors(config: Config) -> Actors:
     """Get or create the named actors (the quota actor is a singleton per namespace)."""
-    quota = quota_actor(config)
-    caches = cache_actors(config) if config.cache.enabled else []
     return Actors(
-        quota=quota,
-        caches=caches,
-        selectors=selector_actors(config, quota),
-        callers=caller_actors(config, quota, caches),
+        quota=quota_actor(config),
+        caches=cache_actors(config) if config.cache.enabled else [],
+        selectors=selector_actors(config),
+        callers=caller_actors(config),
     )
 
 
