@@ -18,6 +18,7 @@ __all__ = [
     "Finished",
     "Grant",
     "Job",
+    "Observation",
     "Queued",
     "Refusal",
     "Route",
@@ -88,11 +89,32 @@ Decision = Grant | Refusal | Queued
 Admitted = Grant | Refusal
 
 
+class Observation(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What the provider said about its limits on one call (`x-ratelimit-*`, 429s)."""
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+    # "rate_limited": a 429 that waiting fixes; "exhausted": credit gone (insufficient_quota).
+    refused: str | None = None
+    retry_after_ms: int | None = None
+
+
 class Settlement(msgspec.Struct, frozen=True):
-    """Give back a lease: correct its token entry to what was really used."""
+    """Give back a lease: correct its token entries to what was really used.
+
+    `used_tokens` is what the provider counts against TPM (prompt estimate or real prompt,
+    whichever is larger, plus completion); the split prices the call for budgets.
+    """
 
     lease: int
     used_tokens: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    observed: Observation | None = None
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -106,6 +128,7 @@ class Job(msgspec.Struct, frozen=True):
     prompt_tokens: int
     received_ms: float
     cache_key: str | None
+    attempt: int = 1
 
 
 class Finished(msgspec.Struct, frozen=True):

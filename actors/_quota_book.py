@@ -1,61 +1,120 @@
-"""The quota actor's logic: every deployment bucket, the wait queue, leases.
+"""The quota actor's logic: every bucket, the fair wait queue, leases, budgets.
 
-Plain class, no Ray: the actor shell calls it from its single event loop, so nothing here
-needs a lock. Admission reserves `prompt estimate + max_tokens` (what providers charge on
-arrival) on the first candidate deployment with room; settling a lease corrects the
-token entry to the real usage, so unused reservation flows back into the window.
+Plain class, no Ray: the actor shell calls it from one event loop, so nothing here locks.
+
+Admission reserves what providers charge on arrival (`prompt estimate + max_tokens`, one
+request) in every window of the chosen deployment — 60 s, the quantized 1 s, the day —
+and in the tenant's own windows and budgets; settling a lease corrects the token entries
+to the real use. Waiting asks are served by strict priority, then by weighted fair
+queuing between tenants (virtual time advanced by tokens / weight), then by deadline. A
+head that does not fit reserves its deployments for the rest of the pass, so a large
+request cannot be starved by a stream of small ones, and a light tenant waits at most
+for the heads ahead of it in virtual time.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from actors._messages import Admitted, Ask, Decision, Grant, Queued, Refusal, Settlement
+from actors._messages import (
+    Admitted,
+    Ask,
+    Decision,
+    Grant,
+    Observation,
+    Queued,
+    Refusal,
+    Settlement,
+)
 from actors._windows import Entry, SlidingWindow
-from topics.config import Config, Deployment
+from topics.config import Config, Deployment, Price, Tenant
 
-__all__ = ["DeploymentBuckets", "QuotaBook"]
+__all__ = ["DeploymentBuckets", "QuotaBook", "TenantBuckets"]
 
 MINUTE_S = 60.0
+SECOND_S = 1.0
+DAY_S = 86_400.0
+MONTH_KEY_DIVISOR = 100  # month key = year * 100 + month
+_FAR_FUTURE_MS = 2**62
+
+
+def _cost(price: Price, prompt_tokens: int, completion_tokens: int) -> float:
+    return (prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok) / 1e6
 
 
 @dataclass
 class DeploymentBuckets:
-    """The live limits of one deployment."""
+    """The live limits of one deployment: request windows, token windows, concurrency."""
 
     name: str
+    price: Price
+    requests: list[SlidingWindow]
+    tokens: list[SlidingWindow]
+    # Short windows admit a request larger than their limit when empty (providers do).
+    short: set[int]
+    max_concurrency: int | None
     rpm: SlidingWindow | None
     tpm: SlidingWindow | None
-    max_concurrency: int | None
     in_flight: int = 0
+    frozen_until: float = 0.0
+    exhausted: bool = False
+    upstream_429s: int = 0
 
     @classmethod
-    def of(cls, dep: Deployment, margin_s: float) -> DeploymentBuckets:
-        span = MINUTE_S + margin_s
+    def of(
+        cls, dep: Deployment, margin_s: float, second_margin_s: float, day_bucket_s: float
+    ) -> DeploymentBuckets:
         lim = dep.limits
-        return cls(
-            name=dep.name,
-            rpm=SlidingWindow(lim.rpm, span) if lim.rpm else None,
-            tpm=SlidingWindow(lim.tpm, span) if lim.tpm else None,
-            max_concurrency=lim.max_concurrency,
-        )
+        minute = MINUTE_S + margin_s
+        second = SECOND_S + second_margin_s
+        rpm = SlidingWindow(lim.rpm, minute) if lim.rpm else None
+        tpm = SlidingWindow(lim.tpm, minute) if lim.tpm else None
+        requests = [w for w in (rpm,) if w]
+        tokens = [w for w in (tpm,) if w]
+        short: set[int] = set()
+        if lim.quantize_per_second:
+            if lim.rpm:
+                w = SlidingWindow(math.ceil(lim.rpm / 60), second)
+                requests.append(w)
+                short.add(id(w))
+            if lim.tpm:
+                w = SlidingWindow(math.ceil(lim.tpm / 60), second)
+                tokens.append(w)
+                short.add(id(w))
+        if lim.rpd:
+            requests.append(SlidingWindow(lim.rpd, DAY_S + margin_s, bucket_s=day_bucket_s))
+        if lim.tpd:
+            tokens.append(SlidingWindow(lim.tpd, DAY_S + margin_s, bucket_s=day_bucket_s))
+        return cls(dep.name, dep.price, requests, tokens, short, lim.max_concurrency, rpm, tpm)
 
     def can_ever_fit(self, tokens: int) -> bool:
-        return self.tpm is None or tokens <= self.tpm.limit
+        return all(tokens <= w.limit for w in self.tokens if id(w) not in self.short)
 
     def fits(self, tokens: int, now: float) -> bool:
+        if self.exhausted or now < self.frozen_until:
+            return False
         if self.max_concurrency is not None and self.in_flight >= self.max_concurrency:
             return False
-        if self.rpm is not None and not self.rpm.fits(1, now):
-            return False
-        return self.tpm is None or self.tpm.fits(tokens, now)
+        for w in self.requests:
+            if not w.fits(1, now):
+                return False
+        for w in self.tokens:
+            ok = w.fits_or_empty(tokens, now) if id(w) in self.short else w.fits(tokens, now)
+            if not ok:
+                return False
+        return True
 
     def headroom(self, now: float) -> float:
-        """Smallest free share over this deployment's limits (1.0 = idle or unlimited)."""
+        """Smallest free share over the minute limits and concurrency (1.0 = idle)."""
+        if self.exhausted or now < self.frozen_until:
+            return 0.0
         shares = [1.0]
         for w in (self.rpm, self.tpm):
             if w is not None:
@@ -65,31 +124,111 @@ class DeploymentBuckets:
         return min(shares)
 
     def free_at(self, tokens: int, now: float) -> float:
-        """Earliest time a request of `tokens` could fit, ignoring concurrency."""
+        """Earliest time `tokens` could fit by time alone (concurrency and others ignored)."""
+        t = max(now, self.frozen_until)
+        for w in self.requests:
+            at = w.free_at(1, now)
+            t = max(t, at if at is not None else t)
+        for w in self.tokens:
+            at = w.free_at(min(tokens, w.limit) if id(w) in self.short else tokens, now)
+            t = max(t, at if at is not None else t)
+        return t
+
+
+@dataclass
+class TenantBuckets:
+    """A tenant's rate windows, budgets (used + reserved in flight) and fair-share state."""
+
+    name: str
+    weight: float
+    windows: list[tuple[SlidingWindow, bool]]  # (window, counts tokens)
+    daily_tokens: int | None
+    monthly_budget_usd: float | None
+    day_key: int = 0
+    day_used: int = 0
+    day_reserved: int = 0
+    month_key: int = 0
+    month_used_usd: float = 0.0
+    month_reserved_usd: float = 0.0
+    vtime: float = 0.0
+    alerts_fired: set[tuple[str, float]] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, t: Tenant | None, name: str, margin_s: float) -> TenantBuckets:
+        windows: list[tuple[SlidingWindow, bool]] = []
+        if t is not None and t.rpm:
+            windows.append((SlidingWindow(t.rpm, MINUTE_S + margin_s), False))
+        if t is not None and t.tpm:
+            windows.append((SlidingWindow(t.tpm, MINUTE_S + margin_s), True))
+        return cls(
+            name=name,
+            weight=t.weight if t else 1.0,
+            windows=windows,
+            daily_tokens=t.daily_tokens if t else None,
+            monthly_budget_usd=t.monthly_budget_usd if t else None,
+        )
+
+    def roll(self, wall_ms: float) -> None:
+        """Start a new day / month of budget when the UTC calendar says so."""
+        day = int(wall_ms // (DAY_S * 1000))
+        if day != self.day_key:
+            self.day_key, self.day_used = day, 0
+            self.alerts_fired = {a for a in self.alerts_fired if a[0] != "daily_tokens"}
+        tm = time.gmtime(wall_ms / 1000)
+        month = tm.tm_year * MONTH_KEY_DIVISOR + tm.tm_mon
+        if month != self.month_key:
+            self.month_key, self.month_used_usd = month, 0.0
+            self.alerts_fired = {a for a in self.alerts_fired if a[0] != "monthly_usd"}
+
+    def budget_verdict(self, tokens: int, cost: float) -> str | None:
+        """'never' if the ask can't fit this period's budget, 'wait' if in-flight use blocks it."""
+        verdict: str | None = None
+        if self.daily_tokens is not None:
+            if self.day_used + tokens > self.daily_tokens:
+                return "never"
+            if self.day_used + self.day_reserved + tokens > self.daily_tokens:
+                verdict = "wait"
+        if self.monthly_budget_usd is not None:
+            if self.month_used_usd + cost > self.monthly_budget_usd:
+                return "never"
+            if self.month_used_usd + self.month_reserved_usd + cost > self.monthly_budget_usd:
+                verdict = "wait"
+        return verdict
+
+    def fits(self, tokens: int, now: float) -> bool:
+        return all(w.fits(tokens if is_tokens else 1, now) for w, is_tokens in self.windows)
+
+    def free_at(self, tokens: int, now: float) -> float:
         t = now
-        for w, amount in ((self.rpm, 1), (self.tpm, tokens)):
-            if w is not None:
-                at = w.free_at(amount, now)
-                if at is not None:
-                    t = max(t, at)
+        for w, is_tokens in self.windows:
+            at = w.free_at(tokens if is_tokens else 1, now)
+            t = max(t, at if at is not None else t)
         return t
 
 
 @dataclass
 class _Lease:
     deployment: DeploymentBuckets
-    tpm_entry: Entry | None
+    tenant: TenantBuckets
+    token_entries: list[tuple[SlidingWindow, Entry]]
+    reserved_tokens: int
+    reserved_cost: float
+    # What our minute windows held right after this grant: the provider's count above
+    # that, reported on this call, is someone else's use of the key.
+    rpm_used: int
+    tpm_used: int
 
 
 @dataclass(order=True)
 class _Waiting:
-    sort_key: tuple[int, int, int]
+    sort_key: tuple[int, int]  # (deadline_ms, arrival seq) within one (priority, tenant)
     ask: Ask = field(compare=False)
     since: float = field(compare=False)
+    done: bool = field(default=False, compare=False)
 
 
 class QuotaBook:
-    """Buckets for every deployment, a priority queue of waiting asks, outstanding leases."""
+    """Buckets for every deployment and tenant, the fair wait queue, outstanding leases."""
 
     def __init__(
         self,
@@ -98,75 +237,223 @@ class QuotaBook:
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], float] = lambda: time.time() * 1000.0,
     ) -> None:
-        margin_s = config.quota.window_margin_ms / 1000.0
+        q = config.quota
+        self._margin_s = q.window_margin_ms / 1000.0
         self._clock = clock
         self._wall_ms = wall_ms
-        self._queue_max = config.quota.queue_max
-        self.deployments = {d.name: DeploymentBuckets.of(d, margin_s) for d in config.deployments}
-        self._queue: list[_Waiting] = []
+        self._queue_max = q.queue_max
+        self._freeze_default_s = q.freeze_default_ms / 1000.0
+        self._alerts = sorted(q.budget_alerts)
+        self.deployments = {
+            d.name: DeploymentBuckets.of(
+                d, self._margin_s, q.second_margin_ms / 1000.0, float(q.day_bucket_s)
+            )
+            for d in config.deployments
+        }
+        self._tenant_cfg = {t.name: t for t in config.tenants}
+        self.tenants: dict[str, TenantBuckets] = {}
+        self._queues: dict[tuple[int, str], list[_Waiting]] = {}
+        self._deadlines: list[tuple[int, int, _Waiting]] = []
+        self._depth = 0
         self._seq = itertools.count()
+        self._virtual_clock = 0.0
         self._leases: dict[int, _Lease] = {}
-        self._lease_ids = itertools.count(1)
+        # Lease ids carry a random epoch: settlements for leases of a previous incarnation
+        # of this actor can never match a lease of this one.
+        self._lease_ids = itertools.count((random.getrandbits(20) << 40) + 1)
         self._ready: dict[str, list[Admitted]] = {}
+        self.events: list[dict[str, Any]] = []
         self.grants_total = 0
+        self.refusals_total = 0
+        self.upstream_429s = 0
 
-    # -- admission -------------------------------------------------------------------
+    # -- tenants -----------------------------------------------------------------------
+
+    def tenant(self, name: str) -> TenantBuckets:
+        t = self.tenants.get(name)
+        if t is None:
+            t = TenantBuckets.of(self._tenant_cfg.get(name), name, self._margin_s)
+            t.vtime = self._virtual_clock
+            self.tenants[name] = t
+        return t
+
+    # -- admission ---------------------------------------------------------------------
 
     def submit(self, asks: Iterable[Ask]) -> list[Decision]:
-        """Decide each ask now: granted, refused, or queued (delivered later by `take`)."""
+        """Decide each ask: refused now, or queued and then granted in fair order.
+
+        Asks join the queue even when capacity is free, so newcomers never overtake
+        waiting asks of other tenants; the pass right after decides what fits now.
+        """
         now = self._clock()
-        out: list[Decision] = []
+        wall = self._wall_ms()
+        out: dict[tuple[str, int], Decision] = {}
+        order: list[tuple[str, int]] = []
         for ask in asks:
-            decided = self._try(ask, now, since=now)
-            if decided is not None:
-                out.append(decided)
+            key = (ask.owner, ask.ticket)
+            order.append(key)
+            refusal = self._refuse_early(ask, now, wall)
+            if refusal is not None:
+                self.refusals_total += 1
+                out[key] = refusal
+                continue
+            self._enqueue(ask, now)
+            out[key] = Queued(ask.ticket)
+        for ask, decision in self._admit(now, wall):
+            key = (ask.owner, ask.ticket)
+            if key in out:
+                out[key] = decision
             else:
-                heapq.heappush(
-                    self._queue,
-                    _Waiting((ask.priority, ask.deadline_ms or 2**62, next(self._seq)), ask, now),
-                )
-                out.append(Queued(ask.ticket))
-        return out
+                self._ready.setdefault(ask.owner, []).append(decision)
+        return [out[k] for k in order]
+
+    def _enqueue(self, ask: Ask, now: float) -> None:
+        tenant = self.tenant(ask.tenant)
+        key = (ask.priority, ask.tenant)
+        queue = self._queues.setdefault(key, [])
+        if not any(self._queues.get((p, ask.tenant)) for p in range(10)):
+            # A tenant that was idle starts at the virtual clock: no credit banked while away.
+            tenant.vtime = max(tenant.vtime, self._virtual_clock)
+        w = _Waiting((ask.deadline_ms or _FAR_FUTURE_MS, next(self._seq)), ask, now)
+        heapq.heappush(queue, w)
+        if ask.deadline_ms is not None:
+            heapq.heappush(self._deadlines, (ask.deadline_ms, w.sort_key[1], w))
+        self._depth += 1
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return self._depth
 
     @property
     def queue_full(self) -> bool:
-        return len(self._queue) >= self._queue_max
+        return self._depth >= self._queue_max
 
-    def _try(self, ask: Ask, now: float, since: float) -> Admitted | None:
-        if ask.deadline_ms is not None and ask.deadline_ms <= self._wall_ms():
-            return Refusal(
-                ask.ticket, "deadline_exceeded", "deadline passed while waiting for quota"
-            )
-        known = [self.deployments[c] for c in ask.candidates if c in self.deployments]
+    def _candidates(self, ask: Ask) -> list[DeploymentBuckets]:
+        return [self.deployments[c] for c in ask.candidates if c in self.deployments]
+
+    def _refuse_early(self, ask: Ask, now: float, wall: float) -> Refusal | None:
+        """Refusals that waiting cannot change, decided before the ask queues."""
+        if ask.deadline_ms is not None and ask.deadline_ms <= wall:
+            return Refusal(ask.ticket, "deadline_exceeded", "deadline passed before admission")
+        known = self._candidates(ask)
         if not known:
             return Refusal(ask.ticket, "internal", f"no known deployment in {list(ask.candidates)}")
-        fitting = [d for d in known if d.can_ever_fit(ask.tokens)]
+        live = [d for d in known if not d.exhausted]
+        if not live:
+            return Refusal(
+                ask.ticket,
+                "upstream_unavailable",
+                f"every deployment of {list(ask.candidates)} reported its credit exhausted "
+                "(insufficient_quota)",
+            )
+        fitting = [d for d in live if d.can_ever_fit(ask.tokens)]
         if not fitting:
-            biggest = max(d.tpm.limit for d in known if d.tpm is not None)
+            biggest = max(
+                (w.limit for d in live for w in d.tokens if id(w) not in d.short), default=0
+            )
             return Refusal(
                 ask.ticket,
                 "request_too_large",
                 f"prompt estimate {ask.prompt_tokens} + max_tokens {ask.max_tokens} = "
-                f"{ask.tokens} tokens exceeds the largest TPM limit ({biggest}) of "
+                f"{ask.tokens} tokens exceeds the largest token limit ({biggest}) of "
                 f"deployments {list(ask.candidates)}",
             )
-        for dep in fitting:
-            if dep.fits(ask.tokens, now):
-                return self._grant(ask, dep, now, since)
+        tenant = self.tenant(ask.tenant)
+        tenant.roll(wall)
+        cost = max(_cost(d.price, ask.prompt_tokens, ask.max_tokens) for d in fitting)
+        if tenant.budget_verdict(ask.tokens, cost) == "never":
+            return Refusal(
+                ask.ticket, "quota_exceeded", self._budget_message(tenant, ask.tokens, cost)
+            )
+        for w, is_tokens in tenant.windows:
+            if is_tokens and ask.tokens > w.limit:
+                return Refusal(
+                    ask.ticket,
+                    "request_too_large",
+                    f"{ask.tokens} tokens exceed tenant {tenant.name!r}'s tpm limit {w.limit}",
+                )
+        if ask.deadline_ms is not None:
+            earliest = max(
+                min(d.free_at(ask.tokens, now) for d in fitting), tenant.free_at(ask.tokens, now)
+            )
+            wait_ms = (earliest - now) * 1000.0
+            if wall + wait_ms > ask.deadline_ms:
+                return Refusal(
+                    ask.ticket,
+                    "deadline_exceeded",
+                    f"cannot be admitted before deadline_ms {ask.deadline_ms}: the earliest "
+                    f"the limits allow is in {wait_ms:.0f} ms",
+                )
         return None
 
-    def _grant(self, ask: Ask, dep: DeploymentBuckets, now: float, since: float) -> Grant:
-        if dep.rpm is not None:
-            dep.rpm.add(1, now)
-        entry = dep.tpm.add(ask.tokens, now) if dep.tpm is not None else None
+    @staticmethod
+    def _budget_message(t: TenantBuckets, tokens: int, cost: float) -> str:
+        if t.daily_tokens is not None and t.day_used + tokens > t.daily_tokens:
+            return (
+                f"tenant {t.name!r} daily token budget: used {t.day_used} of "
+                f"{t.daily_tokens}, this request needs up to {tokens}"
+            )
+        return (
+            f"tenant {t.name!r} monthly budget: spent ${t.month_used_usd:.4f} of "
+            f"${t.monthly_budget_usd}, this request may cost up to ${cost:.4f}"
+        )
+
+    def _try(
+        self, ask: Ask, since: float, now: float, wall: float, blocked: set[str]
+    ) -> Admitted | None:
+        """Grant `ask` on its first candidate with room, or None to keep it waiting."""
+        tenant = self.tenant(ask.tenant)
+        tenant.roll(wall)
+        if not tenant.fits(ask.tokens, now):
+            return None
+        for dep in self._candidates(ask):
+            if dep.name in blocked or not dep.can_ever_fit(ask.tokens):
+                continue
+            if not dep.fits(ask.tokens, now):
+                continue
+            cost = _cost(dep.price, ask.prompt_tokens, ask.max_tokens)
+            verdict = tenant.budget_verdict(ask.tokens, cost)
+            if verdict == "never":
+                return Refusal(
+                    ask.ticket, "quota_exceeded", self._budget_message(tenant, ask.tokens, cost)
+                )
+            if verdict == "wait":
+                return None
+            return self._grant(ask, dep, tenant, cost, now, since)
+        return None
+
+    def _grant(
+        self,
+        ask: Ask,
+        dep: DeploymentBuckets,
+        tenant: TenantBuckets,
+        cost: float,
+        now: float,
+        since: float,
+    ) -> Grant:
+        for w in dep.requests:
+            w.add(1, now)
+        entries = [(w, w.add(ask.tokens, now)) for w in dep.tokens]
+        for w, is_tokens in tenant.windows:
+            e = w.add(ask.tokens if is_tokens else 1, now)
+            if is_tokens:
+                entries.append((w, e))
+        tenant.day_reserved += ask.tokens
+        tenant.month_reserved_usd += cost
         dep.in_flight += 1
         lease = next(self._lease_ids)
-        self._leases[lease] = _Lease(dep, entry)
+        self._leases[lease] = _Lease(
+            deployment=dep,
+            tenant=tenant,
+            token_entries=entries,
+            reserved_tokens=ask.tokens,
+            reserved_cost=cost,
+            rpm_used=dep.rpm.used(now) if dep.rpm else 0,
+            tpm_used=dep.tpm.used(now) if dep.tpm else 0,
+        )
         self.grants_total += 1
+        self._virtual_clock = max(self._virtual_clock, tenant.vtime)
+        tenant.vtime += ask.tokens / tenant.weight
         return Grant(
             ticket=ask.ticket,
             deployment=dep.name,
@@ -176,68 +463,189 @@ class QuotaBook:
         )
 
     def admit_waiting(self) -> int:
-        """Grant queued asks that fit now, in priority then deadline order; returns how many."""
-        if not self._queue:
-            return 0
-        now = self._clock()
-        kept: list[_Waiting] = []
-        admitted = 0
-        while self._queue:
-            w = heapq.heappop(self._queue)
-            decided = self._try(w.ask, now, since=w.since)
-            if decided is None:
-                kept.append(w)
+        """Grant what fits now, in fair order; returns how many asks were decided."""
+        decided = self._admit(self._clock(), self._wall_ms())
+        for ask, decision in decided:
+            self._ready.setdefault(ask.owner, []).append(decision)
+        return len(decided)
+
+    def _admit(self, now: float, wall: float) -> list[tuple[Ask, Admitted]]:
+        out: list[tuple[Ask, Admitted]] = self._expire_deadlines(wall)
+        if not self._depth:
+            return out
+        blocked: set[str] = set()
+        for prio in sorted({p for (p, _), q in self._queues.items() if q}):
+            while True:
+                tenants = [t for (p, t), q in self._queues.items() if p == prio and q]
+                tenants.sort(key=lambda name: self.tenants[name].vtime)
+                progressed = False
+                for name in tenants:
+                    queue = self._queues[(prio, name)]
+                    head = queue[0]
+                    decision = self._try(head.ask, head.since, now, wall, blocked)
+                    if decision is None:
+                        # Hold its deployments for it: nothing behind may take their room.
+                        blocked.update(head.ask.candidates)
+                        continue
+                    heapq.heappop(queue)
+                    head.done = True
+                    self._depth -= 1
+                    if isinstance(decision, Refusal):
+                        self.refusals_total += 1
+                    out.append((head.ask, decision))
+                    progressed = True
+                    break  # virtual times moved: pick the next tenant afresh
+                if not progressed:
+                    break
+        return out
+
+    def _expire_deadlines(self, wall: float) -> list[tuple[Ask, Admitted]]:
+        out: list[tuple[Ask, Admitted]] = []
+        while self._deadlines and self._deadlines[0][0] <= wall:
+            _, _, w = heapq.heappop(self._deadlines)
+            if w.done:
                 continue
-            self._ready.setdefault(w.ask.owner, []).append(decided)
-            admitted += 1
-        for w in kept:
-            heapq.heappush(self._queue, w)
-        return admitted
+            w.done = True
+            queue = self._queues[(w.ask.priority, w.ask.tenant)]
+            queue.remove(w)
+            heapq.heapify(queue)
+            self._depth -= 1
+            self.refusals_total += 1
+            out.append(
+                (
+                    w.ask,
+                    Refusal(
+                        w.ask.ticket, "deadline_exceeded", "deadline passed while waiting for quota"
+                    ),
+                )
+            )
+        return out
 
     def take(self, owner: str) -> list[Admitted]:
         """Decisions for `owner`'s queued asks made since the last call."""
         return self._ready.pop(owner, [])
 
     def next_wake(self) -> float | None:
-        """When a queued ask could next fit by time alone (window expiry); None if idle."""
-        if not self._queue:
+        """When a queued head could next fit by time alone; None if nothing waits."""
+        if not self._depth:
             return None
         now = self._clock()
         best: float | None = None
-        for waiting in self._queue:
-            for name in waiting.ask.candidates:
-                dep = self.deployments.get(name)
-                if dep is None or not dep.can_ever_fit(waiting.ask.tokens):
+        for queue in self._queues.values():
+            if not queue:
+                continue
+            ask = queue[0].ask
+            tenant_at = self.tenant(ask.tenant).free_at(ask.tokens, now)
+            for dep in self._candidates(ask):
+                if dep.exhausted or not dep.can_ever_fit(ask.tokens):
                     continue
-                at = dep.free_at(waiting.ask.tokens, now)
+                at = max(dep.free_at(ask.tokens, now), tenant_at)
                 best = at if best is None else min(best, at)
+        if self._deadlines:
+            deadline_in = (self._deadlines[0][0] - self._wall_ms()) / 1000.0
+            best = (
+                now + max(0.0, deadline_in)
+                if best is None
+                else min(best, now + max(0.0, deadline_in))
+            )
         return best
 
-    # -- reconciliation ---------------------------------------------------------------
+    # -- reconciliation ------------------------------------------------------------------
 
     def settle(self, settlements: Iterable[Settlement]) -> None:
-        """Return leases: correct token entries to real usage and free concurrency."""
+        """Return leases: correct token entries and budgets to real use, learn from headers."""
         now = self._clock()
+        wall = self._wall_ms()
         for s in settlements:
             lease = self._leases.pop(s.lease, None)
             if lease is None:
-                continue
-            dep = lease.deployment
+                continue  # a lease of an earlier incarnation, or settled twice
+            dep, tenant = lease.deployment, lease.tenant
             dep.in_flight = max(0, dep.in_flight - 1)
-            if lease.tpm_entry is not None and dep.tpm is not None:
-                dep.tpm.adjust(lease.tpm_entry, s.used_tokens, now)
+            delta = s.used_tokens - lease.reserved_tokens
+            for w, entry in lease.token_entries:
+                w.adjust(entry, delta, now)
+            tenant.roll(wall)
+            tenant.day_reserved = max(0, tenant.day_reserved - lease.reserved_tokens)
+            tenant.month_reserved_usd = max(0.0, tenant.month_reserved_usd - lease.reserved_cost)
+            tenant.day_used += s.used_tokens
+            tenant.month_used_usd += _cost(dep.price, s.prompt_tokens, s.completion_tokens)
+            self._check_alerts(tenant, wall)
+            if s.observed is not None:
+                self._observe(lease, s.observed, now)
 
-    # -- visibility -------------------------------------------------------------------
+    def _observe(self, lease: _Lease, obs: Observation, now: float) -> None:
+        dep = lease.deployment
+        if obs.refused == "exhausted":
+            dep.exhausted = True
+            self.events.append({"event": "deployment_exhausted", "deployment": dep.name})
+        elif obs.refused == "rate_limited":
+            dep.upstream_429s += 1
+            self.upstream_429s += 1
+            wait_s = (
+                obs.retry_after_ms / 1000.0
+                if obs.retry_after_ms is not None
+                else self._freeze_default_s
+            )
+            dep.frozen_until = max(dep.frozen_until, now + wait_s)
+            self.events.append(
+                {"event": "upstream_429", "deployment": dep.name, "frozen_s": wait_s}
+            )
+        if dep.rpm is not None:
+            dep.rpm.tighten(
+                obs.limit_requests,
+                obs.remaining_requests,
+                lease.rpm_used,
+                obs.reset_requests_s or 0.0,
+                now,
+            )
+        if dep.tpm is not None:
+            dep.tpm.tighten(
+                obs.limit_tokens,
+                obs.remaining_tokens,
+                lease.tpm_used,
+                obs.reset_tokens_s or 0.0,
+                now,
+            )
+
+    def _check_alerts(self, t: TenantBuckets, wall: float) -> None:
+        checks: list[tuple[str, float, float | None]] = [
+            ("daily_tokens", float(t.day_used), float(t.daily_tokens) if t.daily_tokens else None),
+            ("monthly_usd", t.month_used_usd, t.monthly_budget_usd),
+        ]
+        for budget, used, limit in checks:
+            if not limit:
+                continue
+            for ratio in self._alerts:
+                if used >= ratio * limit and (budget, ratio) not in t.alerts_fired:
+                    t.alerts_fired.add((budget, ratio))
+                    self.events.append(
+                        {
+                            "event": "budget_crossed",
+                            "tenant": t.name,
+                            "budget": budget,
+                            "ratio": ratio,
+                            "used": round(used, 6),
+                            "limit": limit,
+                            "ts_ms": int(wall),
+                        }
+                    )
+
+    def drain_events(self) -> list[dict[str, Any]]:
+        events, self.events = self.events, []
+        return events
+
+    # -- visibility ----------------------------------------------------------------------
 
     def headroom(self) -> dict[str, float]:
         now = self._clock()
         return {name: d.headroom(now) for name, d in self.deployments.items()}
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> dict[str, Any]:
         now = self._clock()
-        deps: dict[str, object] = {}
+        deps: dict[str, Any] = {}
         for name, d in self.deployments.items():
-            buckets: dict[str, object] = {}
+            buckets: dict[str, Any] = {}
             for label, w in (("rpm", d.rpm), ("tpm", d.tpm)):
                 if w is not None:
                     buckets[label] = {
@@ -248,14 +656,32 @@ class QuotaBook:
             buckets["in_flight"] = d.in_flight
             if d.max_concurrency is not None:
                 buckets["max_concurrency"] = d.max_concurrency
+            buckets["frozen_s"] = round(max(0.0, d.frozen_until - now), 3)
+            buckets["exhausted"] = d.exhausted
+            buckets["upstream_429s"] = d.upstream_429s
             deps[name] = buckets
-        by_tenant: dict[str, int] = {}
-        for waiting in self._queue:
-            by_tenant[waiting.ask.tenant] = by_tenant.get(waiting.ask.tenant, 0) + 1
+        queue: dict[str, dict[str, int]] = {}
+        for (prio, tenant), q in self._queues.items():
+            if q:
+                queue.setdefault(tenant, {})[str(prio)] = len(q)
+        tenants = {
+            name: {
+                "day_used_tokens": t.day_used,
+                "daily_tokens": t.daily_tokens,
+                "month_used_usd": round(t.month_used_usd, 6),
+                "monthly_budget_usd": t.monthly_budget_usd,
+                "weight": t.weight,
+            }
+            for name, t in self.tenants.items()
+        }
         return {
             "deployments": deps,
-            "queue_depth": len(self._queue),
-            "queue_by_tenant": by_tenant,
+            "tenants": tenants,
+            "queue_depth": self._depth,
+            "queue_by_tenant_priority": queue,
+            "queue_by_tenant": {t: sum(v.values()) for t, v in queue.items()},
             "leases": len(self._leases),
             "grants_total": self.grants_total,
+            "refusals_total": self.refusals_total,
+            "upstream_429s": self.upstream_429s,
         }

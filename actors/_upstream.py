@@ -8,6 +8,7 @@ a code from CONTRACT.md; the gateway, not the SDK, decides about retries.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -17,13 +18,13 @@ import msgspec
 import openai
 import structlog
 
-from actors._messages import Job
+from actors._messages import Job, Observation
 from actors._replies import ReplyStream, cost_usd
 from topics.config import Config, Deployment, resolve_secret
 from topics.errors import ErrorCode
 from topics.wire import Timing
 
-__all__ = ["Outcome", "Upstream"]
+__all__ = ["Outcome", "Upstream", "observe", "parse_go_duration"]
 
 log = structlog.get_logger("quotaflow.caller")
 
@@ -44,6 +45,9 @@ class Outcome:
     finish_reason: str | None = None
     upstream_model: str = ""
     upstream_calls: int = 1
+    observed: Observation | None = None
+    # A 429 before any chunk: not the request's fault, so the gateway queues it again.
+    requeue: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -74,6 +78,42 @@ def _retry_after_ms(headers: httpx.Headers) -> int | None:
         except ValueError:
             return None
     return None
+
+
+_GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_GO_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
+
+
+def parse_go_duration(text: str) -> float | None:
+    """Seconds in an OpenAI-style reset value (`1s`, `6m0s`, `9.816s`, `120ms`)."""
+    parts = _GO_PART.findall(text.strip())
+    if not parts or "".join(a + b for a, b in parts) != text.strip():
+        return None
+    return sum(float(num) * _GO_UNITS[unit] for num, unit in parts)
+
+
+def _int_header(headers: httpx.Headers, name: str) -> int | None:
+    value = headers.get(name)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def observe(headers: httpx.Headers, *, refused: str | None = None) -> Observation:
+    """The provider's view of our limits from `x-ratelimit-*` and retry headers."""
+    reset_r = headers.get("x-ratelimit-reset-requests")
+    reset_t = headers.get("x-ratelimit-reset-tokens")
+    return Observation(
+        limit_requests=_int_header(headers, "x-ratelimit-limit-requests"),
+        remaining_requests=_int_header(headers, "x-ratelimit-remaining-requests"),
+        reset_requests_s=parse_go_duration(reset_r) if reset_r else None,
+        limit_tokens=_int_header(headers, "x-ratelimit-limit-tokens"),
+        remaining_tokens=_int_header(headers, "x-ratelimit-remaining-tokens"),
+        reset_tokens_s=parse_go_duration(reset_t) if reset_t else None,
+        refused=refused,
+        retry_after_ms=_retry_after_ms(headers) if refused else None,
+    )
 
 
 def _map_status_error(exc: openai.APIStatusError, dep: Deployment) -> _Failure:
@@ -118,6 +158,7 @@ class Upstream:
         self._config = config
         self._deployments = {d.name: d for d in config.deployments}
         self._clients: dict[str, openai.AsyncOpenAI] = {}
+        self._max_requeues = config.quota.max_requeues
 
     def client(self, dep: Deployment) -> openai.AsyncOpenAI:
         c = self._clients.get(dep.name)
@@ -152,7 +193,23 @@ class Upstream:
         except _Failure as f:
             return await self._fail(job, out, outcome, f)
         except openai.APIStatusError as exc:
-            return await self._fail(job, out, outcome, _map_status_error(exc, dep))
+            failure = _map_status_error(exc, dep)
+            refused = None
+            if exc.status_code == 429:
+                refused = "rate_limited" if failure.retryable else "exhausted"
+            outcome.observed = observe(exc.response.headers, refused=refused)
+            if (
+                refused == "rate_limited"
+                and not out.sent_chunks
+                and job.attempt <= self._max_requeues
+            ):
+                # Our windows should have prevented this; the book freezes the deployment
+                # and counts it, and the request waits for quota again instead of failing.
+                log.warning("upstream_429", request_id=job.request.id, deployment=dep.name)
+                outcome.status = "requeue"
+                outcome.requeue = True
+                return outcome
+            return await self._fail(job, out, outcome, failure)
         except (openai.APIConnectionError, httpx.TransportError) as exc:
             lost = _Failure(
                 "upstream_unavailable",
@@ -187,6 +244,7 @@ class Upstream:
         parts: list[str] = []
         api = self.client(dep).chat.completions.with_streaming_response
         async with api.create(**self._kwargs(job, dep, body, True)) as resp:
+            o.observed = observe(resp.headers)
             async for line in resp.iter_lines():
                 if not line.startswith("data:"):
                     continue  # SSE comments and keep-alives (DeepSeek sends these)
@@ -234,6 +292,7 @@ class Upstream:
     ) -> None:
         api = self.client(dep).chat.completions.with_streaming_response
         async with api.create(**self._kwargs(job, dep, body, False)) as resp:
+            o.observed = observe(resp.headers)
             raw = await resp.read()
         completion = _DECODE.decode(raw)
         if not isinstance(completion, dict):
@@ -262,7 +321,7 @@ class Upstream:
             completion_tokens=o.completion_tokens,
             model=job.model,
             deployment=dep.name,
-            attempts=o.upstream_calls,
+            attempts=job.attempt,
             cost=cost_usd(dep.price, o.prompt_tokens, o.completion_tokens),
             timing=Timing(
                 queued_ms=round(job.grant.queued_ms, 3),

@@ -1,9 +1,12 @@
 """Sliding-window logs: the bucket shape that can never over-admit against a provider.
 
-Providers count the last 60 s (or quantize it to 1 s). A log of (time, amount) entries
-that expire `window + margin` after they were granted admits exactly what a sliding
-window admits, minus the margin that covers the grant-to-provider delay; a token bucket
-with burst = limit would allow up to 2x the limit in one provider window.
+Providers count the last 60 s (some also quantize to 1 s). A log of (time, amount)
+entries that expire `span` after they were granted admits exactly what a sliding window
+admits; the span includes a margin for the grant-to-provider delay, so the provider's own
+window never sees more than the limit. A token bucket with burst = limit would allow up to
+twice the limit inside one provider window; a fixed minute allows a double burst at the
+boundary. Long windows (a day) aggregate entries into buckets: a bucket expires `span`
+after its *end*, which keeps them conservative.
 """
 
 from __future__ import annotations
@@ -14,34 +17,55 @@ __all__ = ["Entry", "SlidingWindow"]
 
 
 class Entry:
-    """One admission in a window; `amount` can be corrected when the real usage is known."""
+    """One admission (or one bucket of them); its amount can be corrected later."""
 
-    __slots__ = ("amount", "expires_at")
+    __slots__ = ("amount", "expires_at", "opened_at")
 
-    def __init__(self, expires_at: float, amount: int) -> None:
+    def __init__(self, opened_at: float, expires_at: float, amount: int) -> None:
+        self.opened_at = opened_at
         self.expires_at = expires_at
         self.amount = amount
 
 
 class SlidingWindow:
-    """Sum of amounts admitted in the last `span_s` seconds, against `limit`."""
+    """Sum of amounts admitted in the last `span_s` seconds, against `limit`.
 
-    __slots__ = ("_entries", "_used", "limit", "span_s")
+    `limit` may be tightened at run time (`tighten`) from what the provider reports; it is
+    never raised above the configured value. `external` is usage the provider reports
+    that we did not grant (another client on the same key), held until it resets.
+    """
 
-    def __init__(self, limit: int, span_s: float) -> None:
+    __slots__ = (
+        "_bucket_s",
+        "_entries",
+        "_external",
+        "_external_until",
+        "_used",
+        "configured_limit",
+        "limit",
+        "span_s",
+    )
+
+    def __init__(self, limit: int, span_s: float, *, bucket_s: float = 0.0) -> None:
+        self.configured_limit = limit
         self.limit = limit
         self.span_s = span_s
+        self._bucket_s = bucket_s
         self._entries: deque[Entry] = deque()
         self._used = 0
+        self._external = 0
+        self._external_until = 0.0
 
     def _expire(self, now: float) -> None:
         entries = self._entries
         while entries and entries[0].expires_at <= now:
             self._used -= entries.popleft().amount
+        if self._external and self._external_until <= now:
+            self._external = 0
 
     def used(self, now: float) -> int:
         self._expire(now)
-        return self._used
+        return self._used + self._external
 
     def remaining(self, now: float) -> int:
         return max(0, self.limit - self.used(now))
@@ -49,34 +73,98 @@ class SlidingWindow:
     def fits(self, amount: int, now: float) -> bool:
         return self.used(now) + amount <= self.limit
 
+    def fits_or_empty(self, amount: int, now: float) -> bool:
+        """Fits, or the window is empty: a request bigger than a short window's limit can
+        still pass alone (providers quantizing per second admit it into an empty second)."""
+        used = self.used(now)
+        return used + amount <= self.limit or used == 0
+
     def add(self, amount: int, now: float) -> Entry:
         """Record an admission at `now` (callers check `fits` first)."""
-        entry = Entry(now + self.span_s, amount)
-        self._entries.append(entry)
+        if self._bucket_s and self._entries and now < self._entries[-1].opened_at + self._bucket_s:
+            entry = self._entries[-1]
+            entry.amount += amount
+        else:
+            entry = Entry(now, now + self._bucket_s + self.span_s, amount)
+            self._entries.append(entry)
         self._used += amount
         return entry
 
-    def adjust(self, entry: Entry, amount: int, now: float) -> None:
-        """Correct an entry to the real usage; a no-op once it has expired."""
+    def adjust(self, entry: Entry, delta: int, now: float) -> None:
+        """Correct an entry by `delta` (real usage minus reserved); a no-op once expired."""
         self._expire(now)
         if entry.expires_at > now:
-            self._used += amount - entry.amount
-            entry.amount = amount
+            delta = max(delta, -entry.amount)
+            entry.amount += delta
+            self._used += delta
 
     def free_at(self, amount: int, now: float) -> float | None:
-        """Earliest time `amount` fits, assuming nothing else is added; None if never."""
+        """Earliest time `amount` fits, if nothing else is added; None if it never can."""
         if amount > self.limit:
             return None
         excess = self.used(now) + amount - self.limit
         if excess <= 0:
             return now
+        at = now
+        if self._external:
+            excess -= self._external
+            at = self._external_until
+            if excess <= 0:
+                return at
         for entry in self._entries:
             excess -= entry.amount
             if excess <= 0:
-                return entry.expires_at
-        return now  # unreachable while the sum is kept consistent
+                return max(at, entry.expires_at)
+        return at
 
     def reset_at(self, now: float) -> float:
-        """When the window will be empty again (for `x-ratelimit-reset-*`-style status)."""
+        """When the window will be empty again (for status, like `x-ratelimit-reset-*`)."""
         self._expire(now)
-        return self._entries[-1].expires_at if self._entries else now
+        last = self._entries[-1].expires_at if self._entries else now
+        return max(last, self._external_until if self._external else now)
+
+    def tighten(
+        self,
+        provider_limit: int | None,
+        provider_remaining: int | None,
+        own_used: int,
+        reset_s: float,
+        now: float,
+    ) -> bool:
+        """Learn from `x-ratelimit-*`: only ever lowers the limit or adds external usage.
+
+        `own_used` is what this window held right after the observed call was granted; the
+        provider's count above that is someone else's use of the same key.
+        """
+        changed = False
+        if provider_limit is not None and 0 < provider_limit < self.limit:
+            self.limit = provider_limit
+            changed = True
+        if provider_remaining is not None:
+            provider_used = self.limit - provider_remaining
+            foreign = provider_used - own_used
+            if foreign > 0:
+                self._expire(now)
+                until = now + max(reset_s, 0.0)
+                if foreign > self._external or until > self._external_until:
+                    self._external = max(self._external, foreign)
+                    self._external_until = max(self._external_until, until)
+                    changed = True
+        return changed
+
+    def dump(self, now: float) -> list[tuple[float, int]]:
+        """(seconds until expiry, amount) per live entry: for checkpoints."""
+        self._expire(now)
+        out = [(e.expires_at - now, e.amount) for e in self._entries if e.amount]
+        if self._external:
+            out.append((self._external_until - now, self._external))
+        return out
+
+    def restore(self, items: list[tuple[float, int]], now: float) -> None:
+        """Re-create entries from `dump` (relative expiries survive a clock change)."""
+        for ttl, amount in items:
+            if ttl > 0 and amount > 0:
+                self._entries.append(Entry(now, now + ttl, amount))
+                self._used += amount
+        ordered = sorted(self._entries, key=lambda e: e.expires_at)
+        self._entries = deque(ordered)

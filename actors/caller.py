@@ -104,7 +104,15 @@ class Caller:
             if outcome.status == "done"
             else job.grant.reserved_tokens
         )
-        self._settle.append(Settlement(job.grant.lease, used))
+        self._settle.append(
+            Settlement(
+                job.grant.lease,
+                used,
+                prompt_tokens=outcome.prompt_tokens,
+                completion_tokens=outcome.completion_tokens,
+                observed=outcome.observed,
+            )
+        )
         if outcome.status == "done" and job.cache_key is not None:
             self._puts.append(
                 CacheEntry(

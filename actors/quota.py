@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 from typing import Any
 
+import structlog
+
 from actors._messages import Admitted, Ask, Decision, Settlement
 from actors._quota_book import QuotaBook
 from actors._ray import named_actor
@@ -19,6 +21,8 @@ from topics.logs import configure_logging
 __all__ = ["QUOTA_ACTOR_NAME", "QuotaService", "quota_actor"]
 
 QUOTA_ACTOR_NAME = "quotaflow.quota"
+
+log = structlog.get_logger("quotaflow.quota")
 
 
 class QuotaService:
@@ -77,6 +81,8 @@ class QuotaService:
 
     async def settle(self, settlements: list[Settlement]) -> None:
         self.book.settle(settlements)
+        for event in self.book.drain_events():
+            log.warning(event.pop("event"), **event)
         self._wake.set()
 
     async def headroom(self) -> dict[str, float]:

@@ -76,6 +76,8 @@ class _Pending:
     model: str | None = None
     cache_key: str | None = None
     prompt_tokens: int = 0
+    candidates: tuple[str, ...] = ()
+    attempt: int = 1
 
 
 @dataclass
@@ -112,7 +114,6 @@ class Gateway:
         self._actors = actors
         self._tickets = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
-        self._candidates: dict[int, tuple[str, ...]] = {}
         # Tickets handed to a caller actor: from then on the caller owns their answer.
         self._dispatched: set[int] = set()
         self._offsets: OffsetTracker[TopicPartition] = OffsetTracker()
@@ -264,7 +265,6 @@ class Gateway:
         `internal` error, so no accepted request ends in silence.
         """
         log.error("stage_failed", error=repr(exc), batch=len(accepted))
-        self._candidates.clear()
         stuck = [t for t in accepted if t in self._pending and t not in self._dispatched]
         await asyncio.gather(
             *(
@@ -309,7 +309,7 @@ class Gateway:
             p.model = route.model
             p.prompt_tokens = estimate_prompt_tokens(p.request.request["messages"])
             routed.append(route.ticket)
-            self._candidates[route.ticket] = route.candidates
+            p.candidates = route.candidates
             if self.actors.caches and cacheable(p.request, self.config.cache):
                 p.cache_key = cache_key(p.request, route.model)
                 shard = shard_of(p.cache_key, len(self.actors.caches))
@@ -347,7 +347,7 @@ class Gateway:
             tenant=p.request.tenant,
             priority=p.request.priority,
             deadline_ms=p.request.deadline_ms,
-            candidates=self._candidates.pop(ticket),
+            candidates=p.candidates,
             prompt_tokens=p.prompt_tokens,
             max_tokens=int(max_tokens),
         )
@@ -370,6 +370,7 @@ class Gateway:
                         p.prompt_tokens,
                         p.received_ms,
                         p.cache_key,
+                        attempt=p.attempt,
                     )
                 )
             elif isinstance(d, Refusal):
@@ -423,8 +424,28 @@ class Gateway:
                 log.warning("caller_actor_unavailable")
                 await asyncio.sleep(timeout)
                 continue
+            requeue = [f.ticket for f in done if f.status == "requeue"]
             for f in done:
-                self._finish(f.ticket)
+                if f.status != "requeue":
+                    self._finish(f.ticket)
+            if requeue:
+                await self._requeue(requeue)
+
+    async def _requeue(self, tickets: list[int]) -> None:
+        """Upstream answered 429 before any chunk: the request waits for quota again."""
+        asks = []
+        for t in tickets:
+            p = self._pending.get(t)
+            if p is None:
+                continue
+            self._dispatched.discard(t)
+            p.attempt += 1
+            asks.append(self._ask(t))
+        if asks:
+            try:
+                await self._decided(await self.actors.quota.submit.remote(asks))
+            except ray.exceptions.RayError as exc:
+                await self._fail_stage({a.ticket: self._pending[a.ticket] for a in asks}, exc)
 
     async def _commit_loop(self) -> None:
         interval = self.config.gateway.commit_interval_ms / 1000.0

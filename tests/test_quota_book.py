@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from actors._messages import Ask, Grant, Queued, Refusal, Settlement
+from actors._messages import Ask, Grant, Observation, Queued, Refusal, Settlement
 from actors._quota_book import QuotaBook
 from actors._windows import SlidingWindow
 from topics.config import Config, parse_config
@@ -20,9 +20,18 @@ class FakeClock:
         return self.now
 
 
-def _config(limits: dict[str, int], *, margin_ms: int = 0, deployments: int = 1) -> Config:
+def _config(
+    limits: dict[str, Any],
+    *,
+    margin_ms: int = 0,
+    deployments: int = 1,
+    tenants: list[dict[str, Any]] | None = None,
+    price: dict[str, float] | None = None,
+) -> Config:
+    limits = {"quantize_per_second": False, **limits}
     return parse_config(
         {
+            "tenants": tenants or [],
             "deployments": [
                 {
                     "name": f"d{i}",
@@ -30,11 +39,12 @@ def _config(limits: dict[str, int], *, margin_ms: int = 0, deployments: int = 1)
                     "api_key_env": "K",
                     "model": "m",
                     "limits": limits,
+                    "price": price or {},
                 }
                 for i in range(deployments)
             ],
             "models": [{"name": "fast", "deployments": [f"d{i}" for i in range(deployments)]}],
-            "quota": {"window_margin_ms": margin_ms},
+            "quota": {"window_margin_ms": margin_ms, "second_margin_ms": 0},
         }
     )
 
@@ -56,7 +66,7 @@ def test_window_expires_after_span_and_adjusts() -> None:
     w = SlidingWindow(limit=10, span_s=60.0)
     e = w.add(8, now=0.0)
     assert not w.fits(3, now=1.0)
-    w.adjust(e, 2, now=1.0)  # real usage was lower: the difference is free again
+    w.adjust(e, -6, now=1.0)  # real usage was 2, not 8: the difference is free again
     assert w.fits(8, now=1.0)
     w.add(8, now=5.0)
     assert w.free_at(1, now=6.0) == 60.0  # when the first (adjusted) entry expires
@@ -151,3 +161,179 @@ def test_snapshot_reports_use_limit_and_queue() -> None:
     assert dep["rpm"]["used"] == 1
     assert dep["rpm"]["limit"] == 1
     assert snap["queue_by_tenant"] == {"heavy": 1}
+
+
+def _granted(decisions: list[Any]) -> list[int]:
+    return [d.ticket for d in decisions if isinstance(d, Grant)]
+
+
+def test_weighted_fair_queuing_between_tenants() -> None:
+    """A flooding tenant cannot starve a light one: grants alternate by virtual time."""
+    clock = FakeClock()
+    book = QuotaBook(_config({"rpm": 1}), clock=clock, wall_ms=lambda: 0.0)
+    book.submit([_ask(0, tenant="heavy")])  # takes the only slot of this minute
+    book.submit([_ask(i, tenant="heavy") for i in range(1, 21)])
+    book.submit([_ask(100, tenant="light"), _ask(101, tenant="light")])
+    order = []
+    for _ in range(4):
+        clock.now += 61.0
+        book.admit_waiting()
+        order.extend(g.ticket for g in book.take("o"))
+    # Equal weights and equal sizes: the light tenant gets every other slot.
+    assert order == [100, 1, 101, 2] or order == [1, 100, 2, 101]
+
+
+def test_weights_share_capacity_proportionally() -> None:
+    clock = FakeClock()
+    tenants = [{"name": "gold", "weight": 3.0}, {"name": "free", "weight": 1.0}]
+    book = QuotaBook(_config({"rpm": 1}, tenants=tenants), clock=clock, wall_ms=lambda: 0.0)
+    book.submit([_ask(0, tenant="free")])
+    book.submit([_ask(i, tenant="gold") for i in range(1, 40)])
+    book.submit([_ask(i, tenant="free") for i in range(100, 140)])
+    got = {"gold": 0, "free": 0}
+    for _ in range(24):
+        clock.now += 61.0
+        book.admit_waiting()
+        for g in book.take("o"):
+            got["gold" if g.ticket < 100 else "free"] += 1
+    assert got["gold"] == 3 * got["free"]
+
+
+def test_large_head_is_not_starved_by_small_asks() -> None:
+    clock = FakeClock()
+    book = QuotaBook(_config({"tpm": 100}), clock=clock, wall_ms=lambda: 0.0)
+    first = book.submit([_ask(1, tokens=60)])[0]
+    assert isinstance(first, Grant)
+    big = book.submit([_ask(2, tokens=90, tenant="big")])[0]
+    assert isinstance(big, Queued)
+    # Small asks from another tenant would fit the 40 left, but the head reserves its room.
+    assert _granted(book.submit([_ask(3, tokens=30, tenant="small")])) == []
+    clock.now += 61.0
+    book.admit_waiting()
+    assert next(g.ticket for g in book.take("o")) == 2
+
+
+def test_per_second_quantization_spreads_a_burst() -> None:
+    clock = FakeClock()
+    book = QuotaBook(
+        _config({"rpm": 120, "quantize_per_second": True}), clock=clock, wall_ms=lambda: 0.0
+    )
+    assert len(_granted(book.submit([_ask(i) for i in range(10)]))) == 2  # ceil(120/60) per s
+    clock.now += 1.0
+    assert book.admit_waiting() == 2
+
+
+def test_tenant_daily_budget_refuses_what_can_never_fit_and_waits_for_refunds() -> None:
+    tenants = [{"name": "t", "daily_tokens": 100}]
+    book = QuotaBook(_config({}, tenants=tenants), wall_ms=lambda: 0.0)
+    g = book.submit([_ask(1, tokens=80)])[0]
+    assert isinstance(g, Grant)
+    assert isinstance(book.submit([_ask(2, tokens=30)])[0], Queued)  # 80 reserved in flight
+    book.settle([Settlement(g.lease, used_tokens=20)])
+    assert book.admit_waiting() == 1
+    assert _granted(book.take("o")) == [2]
+    # used 20 + 30 in flight + 60 > 100: waits for the in-flight one to settle.
+    assert isinstance(book.submit([_ask(3, tokens=60)])[0], Queued)
+    too_much = book.submit([_ask(4, tokens=81)])[0]
+    assert isinstance(too_much, Refusal)
+    assert too_much.code == "quota_exceeded"
+    assert "daily token budget" in too_much.message
+
+
+def test_monthly_spend_budget_and_alerts() -> None:
+    tenants = [{"name": "t", "monthly_budget_usd": 1.0}]
+    price = {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}  # $0.001 a token
+    book = QuotaBook(_config({}, tenants=tenants, price=price), wall_ms=lambda: 0.0)
+    g = book.submit([_ask(1, tokens=900, prompt=100)])[0]
+    assert isinstance(g, Grant)
+    book.settle([Settlement(g.lease, 850, prompt_tokens=100, completion_tokens=750)])
+    events = book.drain_events()
+    assert [(e["budget"], e["ratio"]) for e in events] == [("monthly_usd", 0.8)]
+    refused = book.submit([_ask(2, tokens=200, prompt=10)])[0]
+    assert isinstance(refused, Refusal)
+    assert refused.code == "quota_exceeded"
+    assert "monthly budget" in refused.message
+
+
+def test_deadline_that_the_limits_cannot_meet_is_refused_at_once() -> None:
+    clock = FakeClock()
+    book = QuotaBook(_config({"rpm": 1}), clock=clock, wall_ms=lambda: 1_000_000.0)
+    book.submit([_ask(1)])
+    late = book.submit([_ask(2, deadline_ms=1_000_000 + 5_000)])[0]
+    assert isinstance(late, Refusal)
+    assert late.code == "deadline_exceeded"
+    assert "earliest" in late.message
+    ok = book.submit([_ask(3, deadline_ms=1_000_000 + 120_000)])[0]
+    assert isinstance(ok, Queued)
+
+
+def test_queued_ask_whose_deadline_passes_is_answered() -> None:
+    wall = [0.0]
+    clock = FakeClock()
+    book = QuotaBook(_config({"rpm": 1}), clock=clock, wall_ms=lambda: wall[0])
+    book.submit([_ask(1)])
+    assert isinstance(book.submit([_ask(2, deadline_ms=70_000)])[0], Queued)
+    book.submit([_ask(3)])
+    wall[0] = 70_001.0
+    book.admit_waiting()
+    decided = book.take("o")
+    assert any(isinstance(d, Refusal) and d.ticket == 2 for d in decided)
+
+
+def test_429_freezes_the_deployment_and_headers_only_tighten() -> None:
+    clock = FakeClock()
+    book = QuotaBook(_config({"rpm": 10}, deployments=2), clock=clock, wall_ms=lambda: 0.0)
+    g = book.submit([_ask(1, candidates=("d0", "d1"))])[0]
+    assert isinstance(g, Grant)
+    assert g.deployment == "d0"
+    book.settle(
+        [
+            Settlement(
+                g.lease, 10, observed=Observation(refused="rate_limited", retry_after_ms=2_000)
+            )
+        ]
+    )
+    assert book.upstream_429s == 1
+    assert [
+        d.deployment
+        for d in book.submit([_ask(2, candidates=("d0", "d1"))])
+        if isinstance(d, Grant)
+    ] == ["d1"]
+    clock.now += 2.0
+    # The provider says the key has 2 requests left: someone else uses 6 of our 10.
+    g3 = book.submit([_ask(3)])[0]
+    assert isinstance(g3, Grant)
+    book.settle(
+        [
+            Settlement(
+                g3.lease,
+                10,
+                observed=Observation(
+                    limit_requests=50, remaining_requests=2, reset_requests_s=30.0
+                ),
+            )
+        ]
+    )
+    dep = book.deployments["d0"]
+    assert dep.rpm is not None
+    assert dep.rpm.limit == 10  # a higher provider limit never loosens the configured one
+    assert dep.rpm.remaining(clock.now) == 2  # as the provider says: 2 ours + 6 foreign
+    clock.now += 31.0
+    assert dep.rpm.remaining(clock.now) == 8
+
+
+def test_insufficient_quota_marks_the_deployment_exhausted() -> None:
+    book = QuotaBook(_config({"rpm": 10}), wall_ms=lambda: 0.0)
+    g = book.submit([_ask(1)])[0]
+    assert isinstance(g, Grant)
+    book.settle([Settlement(g.lease, 10, observed=Observation(refused="exhausted"))])
+    d = book.submit([_ask(2)])[0]
+    assert isinstance(d, Refusal)
+    assert d.code == "upstream_unavailable"
+    assert "insufficient_quota" in d.message
+
+
+def test_settlements_of_unknown_leases_are_ignored() -> None:
+    book = QuotaBook(_config({"rpm": 10}), wall_ms=lambda: 0.0)
+    book.settle([Settlement(12345, 10)])
+    assert book.snapshot()["leases"] == 0

@@ -86,6 +86,9 @@ class Limits(_Section, frozen=True):
     rpd: PositiveInt | None = None
     tpd: PositiveInt | None = None
     max_concurrency: PositiveInt | None = None
+    # Providers may enforce rpm/tpm as limit/60 per second ("60 RPM may be 1/s"): also keep
+    # any 1 s under ceil(limit/60). Costs no sustained throughput, only bursts.
+    quantize_per_second: bool = True
 
 
 class Price(_Section, frozen=True):
@@ -122,10 +125,21 @@ class Model(_Section, frozen=True):
 
 
 class Tenant(_Section, frozen=True):
-    """A tenant; with `api_key_env`, requests must carry `authorization: Bearer <key>`."""
+    """A tenant: its key, fair-share weight, rate limits and budgets (all optional).
+
+    With `api_key_env`, requests must carry `authorization: Bearer <key>`.
+    """
 
     name: Name
     api_key_env: EnvName | None = None
+    # Share of contended capacity relative to other waiting tenants (weighted fair queuing).
+    weight: PositiveFloat = 1.0
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    # Tokens per UTC day (reserved prompt + max_tokens, corrected to real use).
+    daily_tokens: PositiveInt | None = None
+    # USD per UTC calendar month, from the deployments' price table.
+    monthly_budget_usd: PositiveFloat | None = None
 
 
 class QuotaConfig(_Section, frozen=True):
@@ -136,6 +150,16 @@ class QuotaConfig(_Section, frozen=True):
     # Window entries live this much past 60 s: covers the time between our grant and
     # the provider's admission, so its sliding window never sees more than the limit.
     window_margin_ms: NonNegInt = 250
+    # The same margin for the 1 s quantized windows; it costs margin/1 s of burst capacity.
+    second_margin_ms: NonNegInt = 20
+    # Daily windows aggregate grants into buckets of this many seconds (memory bound).
+    day_bucket_s: PositiveInt = 60
+    # A 429 without retry-after freezes the deployment this long.
+    freeze_default_ms: PositiveInt = 1_000
+    # Upstream 429s re-queue the request (not the client's fault) at most this often.
+    max_requeues: NonNegInt = 5
+    # Budget use (share of the limit) at which an event is logged and published.
+    budget_alerts: list[Rate] = msgspec.field(default_factory=lambda: [0.8, 1.0])
     queue_max: PositiveInt = 20_000
     # How often queued asks are re-examined when nothing else wakes the admission loop.
     tick_ms: PositiveInt = 50
