@@ -62,10 +62,18 @@ class DeploymentBuckets:
     max_concurrency: int | None
     rpm: SlidingWindow | None
     tpm: SlidingWindow | None
+    # The minute limits, which cap what a day window can have been charged per minute.
+    minute_caps: tuple[int | None, int | None] = (None, None)
     in_flight: int = 0
+    # In-flight calls a restarted actor inherited from its checkpoint, not from leases.
+    inherited_in_flight: int = 0
     frozen_until: float = 0.0
     exhausted: bool = False
     upstream_429s: int = 0
+
+    @property
+    def windows(self) -> list[SlidingWindow]:
+        return self.requests + self.tokens
 
     @classmethod
     def of(
@@ -92,7 +100,36 @@ class DeploymentBuckets:
             requests.append(SlidingWindow(lim.rpd, DAY_S + margin_s, bucket_s=day_bucket_s))
         if lim.tpd:
             tokens.append(SlidingWindow(lim.tpd, DAY_S + margin_s, bucket_s=day_bucket_s))
-        return cls(dep.name, dep.price, requests, tokens, short, lim.max_concurrency, rpm, tpm)
+        return cls(
+            dep.name,
+            dep.price,
+            requests,
+            tokens,
+            short,
+            lim.max_concurrency,
+            rpm,
+            tpm,
+            (lim.rpm, lim.tpm),
+        )
+
+    def hidden_caps(self, elapsed_s: float) -> list[int]:
+        """Per window: the most that can have been granted in `elapsed_s` unseen.
+
+        The quantized 1 s windows bound the rate, so a checkpoint `elapsed_s` old can miss
+        at most that many seconds' worth; without them, a whole minute's limit.
+        """
+        caps: list[int] = []
+        for kind, windows in ((0, self.requests), (1, self.tokens)):
+            per_s = next((w.limit for w in windows if id(w) in self.short), None)
+            minute = self.minute_caps[kind]
+            for w in windows:
+                cap = w.limit
+                if per_s is not None:
+                    cap = min(cap, per_s * math.ceil(elapsed_s + SECOND_S))
+                elif w.span_s >= DAY_S and minute:
+                    cap = min(cap, minute * math.ceil(elapsed_s / MINUTE_S + 1))
+                caps.append(cap)
+        return caps
 
     def can_ever_fit(self, tokens: int) -> bool:
         return all(tokens <= w.limit for w in self.tokens if id(w) not in self.short)
@@ -262,6 +299,7 @@ class QuotaBook:
         # of this actor can never match a lease of this one.
         self._lease_ids = itertools.count((random.getrandbits(20) << 40) + 1)
         self._ready: dict[str, list[Admitted]] = {}
+        self._queued: set[tuple[str, int]] = set()
         self.events: list[dict[str, Any]] = []
         self.grants_total = 0
         self.refusals_total = 0
@@ -292,6 +330,9 @@ class QuotaBook:
         for ask in asks:
             key = (ask.owner, ask.ticket)
             order.append(key)
+            if key in self._queued:
+                out[key] = Queued(ask.ticket)  # re-sent after a restart of ours: already waiting
+                continue
             refusal = self._refuse_early(ask, now, wall)
             if refusal is not None:
                 self.refusals_total += 1
@@ -314,6 +355,7 @@ class QuotaBook:
         if not any(self._queues.get((p, ask.tenant)) for p in range(10)):
             # A tenant that was idle starts at the virtual clock: no credit banked while away.
             tenant.vtime = max(tenant.vtime, self._virtual_clock)
+        self._queued.add((ask.owner, ask.ticket))
         w = _Waiting((ask.deadline_ms or _FAR_FUTURE_MS, next(self._seq)), ask, now)
         heapq.heappush(queue, w)
         if ask.deadline_ms is not None:
@@ -490,6 +532,7 @@ class QuotaBook:
                     heapq.heappop(queue)
                     head.done = True
                     self._depth -= 1
+                    self._queued.discard((head.ask.owner, head.ask.ticket))
                     if isinstance(decision, Refusal):
                         self.refusals_total += 1
                     out.append((head.ask, decision))
@@ -506,6 +549,7 @@ class QuotaBook:
             if w.done:
                 continue
             w.done = True
+            self._queued.discard((w.ask.owner, w.ask.ticket))
             queue = self._queues[(w.ask.priority, w.ask.tenant)]
             queue.remove(w)
             heapq.heapify(queue)
@@ -559,7 +603,13 @@ class QuotaBook:
         for s in settlements:
             lease = self._leases.pop(s.lease, None)
             if lease is None:
-                continue  # a lease of an earlier incarnation, or settled twice
+                # A lease of an earlier incarnation: its usage was counted as spent when the
+                # checkpoint was restored; only its concurrency slot comes back.
+                dep_old = self.deployments.get(s.deployment)
+                if dep_old is not None and dep_old.inherited_in_flight > 0:
+                    dep_old.inherited_in_flight -= 1
+                    dep_old.in_flight = max(0, dep_old.in_flight - 1)
+                continue
             dep, tenant = lease.deployment, lease.tenant
             dep.in_flight = max(0, dep.in_flight - 1)
             delta = s.used_tokens - lease.reserved_tokens
@@ -634,6 +684,79 @@ class QuotaBook:
     def drain_events(self) -> list[dict[str, Any]]:
         events, self.events = self.events, []
         return events
+
+    # -- durability ----------------------------------------------------------------------
+
+    def checkpoint(self) -> dict[str, dict[str, Any]]:
+        """Every deployment's and tenant's state, keyed for a compacted topic."""
+        now, wall = self._clock(), self._wall_ms()
+        out: dict[str, dict[str, Any]] = {}
+        for name, d in self.deployments.items():
+            out[f"deployment:{name}"] = {
+                "ts_ms": wall,
+                "signature": [w.signature() for w in d.windows],
+                "windows": [w.dump(now) for w in d.windows],
+                "used": [w.used(now) for w in d.windows],
+                "in_flight": d.in_flight,
+                "exhausted": d.exhausted,
+            }
+        for name, t in self.tenants.items():
+            out[f"tenant:{name}"] = {
+                "ts_ms": wall,
+                "signature": [w.signature() for w, _ in t.windows],
+                "windows": [w.dump(now) for w, _ in t.windows],
+                "used": [w.used(now) for w, _ in t.windows],
+                "day_key": t.day_key,
+                "day_used": t.day_used + t.day_reserved,
+                "month_key": t.month_key,
+                "month_used_usd": t.month_used_usd + t.month_reserved_usd,
+                "alerts": sorted([list(a) for a in t.alerts_fired]),
+            }
+        return out
+
+    def restore(self, records: dict[str, dict[str, Any]]) -> None:
+        """Start from checkpoints, conservatively (Doorman's learning mode).
+
+        Grants made after the last checkpoint are unknown, so each window also holds the
+        rest of its capacity (at most what one checkpoint interval can hide) for one span:
+        no bucket starts fuller than it was. In-flight reservations count as spent.
+        """
+        now, wall = self._clock(), self._wall_ms()
+        for key, rec in records.items():
+            kind, _, name = key.partition(":")
+            elapsed_s = max(0.0, (wall - float(rec.get("ts_ms", wall))) / 1000.0)
+            if kind == "deployment" and name in self.deployments:
+                d = self.deployments[name]
+                self._restore_windows(d.windows, d.hidden_caps(elapsed_s), rec, elapsed_s, now)
+                d.in_flight = d.inherited_in_flight = int(rec.get("in_flight", 0))
+                d.exhausted = bool(rec.get("exhausted", False))
+            elif kind == "tenant":
+                t = self.tenant(name)
+                windows = [w for w, _ in t.windows]
+                self._restore_windows(windows, [w.limit for w in windows], rec, elapsed_s, now)
+                t.roll(wall)
+                if rec.get("day_key") == t.day_key:
+                    t.day_used = int(rec.get("day_used", 0))
+                if rec.get("month_key") == t.month_key:
+                    t.month_used_usd = float(rec.get("month_used_usd", 0.0))
+                t.alerts_fired = {(str(a[0]), float(a[1])) for a in rec.get("alerts", [])}
+
+    @staticmethod
+    def _restore_windows(
+        windows: list[SlidingWindow],
+        caps: list[int],
+        rec: dict[str, Any],
+        elapsed_s: float,
+        now: float,
+    ) -> None:
+        same = [list(s) for s in rec.get("signature", [])] == [list(w.signature()) for w in windows]
+        for i, w in enumerate(windows):
+            used_then = 0
+            if same:
+                w.restore([(ttl - elapsed_s, amount) for ttl, amount in rec["windows"][i]], now)
+                used_then = int(rec["used"][i])
+            hidden = caps[i] if same else w.limit
+            w.hold(min(hidden, max(0, w.limit - used_then)), now + w.span_s, now)
 
     # -- visibility ----------------------------------------------------------------------
 

@@ -24,8 +24,12 @@ def named_actor(
     *args: Any,
     max_concurrency: int,
     detached: bool = False,
+    retry_calls: bool = False,
 ) -> Any:
     """Get the actor `name` in the gateway's namespace, or start it with `cls(*args)`.
+
+    Ray restarts it when it dies (`max_restarts=-1`) with the same arguments, which is why
+    actors take only the config and find their peers by name.
 
     num_cpus=0: these actors mostly wait on I/O; Ray's CPU accounting would otherwise
     refuse to place more actors than cores on a 2-core machine.
@@ -39,6 +43,9 @@ def named_actor(
             num_cpus=0,
             max_concurrency=max_concurrency,
             max_restarts=-1,
+            # Calls in flight when the actor died are re-run on its next incarnation;
+            # only for actors whose methods are safe to repeat.
+            max_task_retries=-1 if retry_calls else 0,
             lifetime="detached" if detached else None,
         )
         .remote(*args)

@@ -152,6 +152,16 @@ class SlidingWindow:
                     changed = True
         return changed
 
+    def hold(self, amount: int, until: float, now: float) -> None:
+        """Count `amount` as used until `until` (usage we cannot see, e.g. after a restart)."""
+        self._expire(now)
+        if amount > 0 and until > now:
+            self._external = max(self._external, amount)
+            self._external_until = max(self._external_until, until)
+
+    def signature(self) -> tuple[int, float]:
+        return (self.configured_limit, self.span_s)
+
     def dump(self, now: float) -> list[tuple[float, int]]:
         """(seconds until expiry, amount) per live entry: for checkpoints."""
         self._expire(now)

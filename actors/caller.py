@@ -111,6 +111,7 @@ class Caller:
                 prompt_tokens=outcome.prompt_tokens,
                 completion_tokens=outcome.completion_tokens,
                 observed=outcome.observed,
+                deployment=job.grant.deployment,
             )
         )
         if outcome.status == "done" and job.cache_key is not None:

@@ -2,43 +2,144 @@
 
 One actor call per ingress batch (`submit`), one long poll per ingress for queued grants
 (`next_grants`), one batched `settle` per caller flush: never one call per request.
+State survives a restart through the compacted `<prefix>quota` topic: restored before the
+first call is served, checkpointed every `quota.checkpoint_interval_ms`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from typing import Any
 
+import msgspec
 import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from actors._kafka import make_producer
 from actors._messages import Admitted, Ask, Decision, Settlement
 from actors._quota_book import QuotaBook
 from actors._ray import named_actor
 from topics.config import Config
 from topics.logs import configure_logging
 
-__all__ = ["QUOTA_ACTOR_NAME", "QuotaService", "quota_actor"]
+__all__ = ["QUOTA_ACTOR_NAME", "GrantBatch", "QuotaService", "quota_actor"]
 
 QUOTA_ACTOR_NAME = "quotaflow.quota"
 
 log = structlog.get_logger("quotaflow.quota")
 
+_CHECKPOINT = msgspec.json.Encoder()
+_RESTORE = msgspec.json.Decoder(dict[str, Any])
+_RESTORE_POLL_MS = 200
+
+
+class GrantBatch(msgspec.Struct, frozen=True):
+    """What `next_grants` returns: decisions, and which incarnation of the actor made them.
+
+    A new `epoch` tells the ingress that asks it had queued were lost with the previous
+    incarnation, so it submits them again (the book ignores duplicates).
+    """
+
+    epoch: int
+    decisions: list[Admitted]
+
 
 class QuotaService:
-    """Async wrapper that wakes queued asks when leases settle or windows expire."""
+    """Async wrapper: restores, wakes queued asks, checkpoints, publishes budget events."""
 
     def __init__(self, config: Config) -> None:
         configure_logging(config.logging)
+        self._config = config
         self.book = QuotaBook(config)
+        self.epoch = random.getrandbits(31)
         self._tick_s = config.quota.tick_ms / 1000.0
+        self._checkpoint_s = config.quota.checkpoint_interval_ms / 1000.0
+        self._topic = f"{config.topics.internal_prefix}quota"
         self._wake = asyncio.Event()
         self._ready: dict[str, asyncio.Event] = {}
-        self._loop_task: asyncio.Task[None] | None = None
+        self._started: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._producer: Any = None
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._admission_loop())
+    async def _ensure_started(self) -> None:
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(self._started)
+
+    async def _start(self) -> None:
+        restored = await self._read_checkpoints()
+        if restored:
+            self.book.restore(restored)
+            log.info("quota_restored", records=len(restored), epoch=self.epoch)
+        self._producer = await make_producer(self._config, client_suffix="quota")
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._admission_loop()),
+            loop.create_task(self._checkpoint_loop()),
+        ]
+
+    async def _read_checkpoints(self) -> dict[str, dict[str, Any]]:
+        """The latest record per key of the checkpoint topic (empty if there is none)."""
+        cfg = self._config
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=cfg.kafka.bootstrap_servers,
+            client_id=f"{cfg.kafka.client_id}-quota-restore",
+            group_id=None,
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        try:
+            if self._topic not in await consumer.topics():
+                return {}
+            tps = [
+                TopicPartition(self._topic, p)
+                for p in consumer.partitions_for_topic(self._topic) or ()
+            ]
+            if not tps:
+                return {}
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            end = await consumer.end_offsets(tps)
+            latest: dict[str, dict[str, Any]] = {}
+            while True:
+                positions = [await consumer.position(tp) for tp in tps]
+                if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
+                    break
+                for records in (await consumer.getmany(timeout_ms=_RESTORE_POLL_MS)).values():
+                    for rec in records:
+                        if rec.key is None or rec.value is None:
+                            continue
+                        try:
+                            latest[rec.key.decode()] = _RESTORE.decode(rec.value)
+                        except msgspec.DecodeError:
+                            log.warning(
+                                "checkpoint_unreadable", key=rec.key.decode(errors="replace")
+                            )
+            return latest
+        finally:
+            await consumer.stop()
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._checkpoint_s)
+            try:
+                await self.checkpoint()
+            except Exception as exc:  # noqa: BLE001 - Kafka may be down; keep serving, try again
+                log.warning("checkpoint_failed", error=repr(exc))
+
+    async def checkpoint(self) -> int:
+        """Write every bucket's state now; returns how many records were written."""
+        records = self.book.checkpoint()
+        futures = [
+            await self._producer.send(
+                self._topic, key=key.encode(), value=_CHECKPOINT.encode(value)
+            )
+            for key, value in records.items()
+        ]
+        await asyncio.gather(*futures)
+        return len(records)
 
     async def _admission_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -47,54 +148,76 @@ class QuotaService:
                 for ev in self._ready.values():
                     ev.set()
             wake_at = self.book.next_wake()
-            if wake_at is None:
-                timeout = None
-            else:
-                # The book's clock is time.monotonic, like the loop's.
-                timeout = min(max(0.0, wake_at - loop.time()), self._tick_s)
+            timeout = (
+                None if wake_at is None else min(max(0.0, wake_at - loop.time()), self._tick_s)
+            )
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def warm(self) -> None:
-        self._ensure_loop()
+    async def warm(self) -> int:
+        await self._ensure_started()
+        return self.epoch
 
     async def submit(self, asks: list[Ask]) -> list[Decision]:
-        self._ensure_loop()
+        await self._ensure_started()
         out = self.book.submit(asks)
         if self.book.queue_depth:
             self._wake.set()
         return out
 
-    async def next_grants(self, owner: str, timeout_s: float) -> list[Admitted]:
-        self._ensure_loop()
+    async def next_grants(self, owner: str, timeout_s: float) -> GrantBatch:
+        await self._ensure_started()
         ev = self._ready.setdefault(owner, asyncio.Event())
         got = self.book.take(owner)
-        if got:
-            return got
-        ev.clear()
-        try:
-            await asyncio.wait_for(ev.wait(), timeout_s)
-        except TimeoutError:
-            return []
-        return self.book.take(owner)
+        if not got:
+            ev.clear()
+            try:
+                await asyncio.wait_for(ev.wait(), timeout_s)
+            except TimeoutError:
+                return GrantBatch(self.epoch, [])
+            got = self.book.take(owner)
+        return GrantBatch(self.epoch, got)
 
     async def settle(self, settlements: list[Settlement]) -> None:
+        await self._ensure_started()
         self.book.settle(settlements)
-        for event in self.book.drain_events():
-            log.warning(event.pop("event"), **event)
+        events = self.book.drain_events()
+        for event in events:
+            log.warning(str(event.get("event")), **{k: v for k, v in event.items() if k != "event"})
+        if events and self._producer is not None:
+            await self._publish(events)
         self._wake.set()
+
+    async def _publish(self, events: list[dict[str, Any]]) -> None:
+        topic = self._config.topics.events
+        for event in events:
+            key = str(event.get("tenant") or event.get("deployment") or "quota").encode()
+            await self._producer.send(topic, key=key, value=_CHECKPOINT.encode(event))
 
     async def headroom(self) -> dict[str, float]:
         return self.book.headroom()
 
     async def snapshot(self) -> dict[str, Any]:
-        return self.book.snapshot()
+        await self._ensure_started()
+        snap = self.book.snapshot()
+        snap["epoch"] = self.epoch
+        return snap
 
 
 def quota_actor(config: Config, *, detached: bool = False) -> Any:
-    """Get or create the named singleton quota actor."""
+    """Get or create the named singleton quota actor.
+
+    `retry_calls`: a call in flight when the actor died runs again on the restarted one,
+    which is safe here: its state died with it, and the book ignores repeated asks.
+    """
     # Every ingress holds a long poll open while others submit and settle.
     return named_actor(
-        QuotaService, config, QUOTA_ACTOR_NAME, config, max_concurrency=1000, detached=detached
+        QuotaService,
+        config,
+        QUOTA_ACTOR_NAME,
+        config,
+        max_concurrency=1000,
+        detached=detached,
+        retry_calls=True,
     )

@@ -7,7 +7,12 @@ import json
 import math
 import os
 import platform
+import re
+import signal
+import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -18,10 +23,16 @@ __all__ = [
     "REPO",
     "RESULTS_DIR",
     "add_row",
+    "http_json",
+    "leftovers",
     "machine",
     "machine_summary",
+    "other_stacks",
     "percentiles",
     "stamp",
+    "start_simulator",
+    "stop_proc",
+    "wait_line",
     "write_json",
 ]
 
@@ -163,3 +174,81 @@ def add_row(section: str, intro: str, columns: Sequence[str], row: Sequence[str]
     lines.insert(last_table + 1, line)
     BENCHMARKS_MD.write_text("\n".join(lines) + "\n")
     return BENCHMARKS_MD
+
+
+# -- processes the benchmarks start ------------------------------------------------------
+
+
+def wait_line(path: Path, marker: bytes, proc: subprocess.Popen[bytes], timeout_s: float) -> str:
+    """Wait for `marker` in the log `path` of `proc`; returns the rest of that line."""
+    give_up = time.monotonic() + timeout_s
+    while True:
+        data = path.read_bytes() if path.exists() else b""
+        at = data.find(marker)
+        if at >= 0:
+            return data[at:].split(b"\n", 1)[0].decode()
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}; see {path}")
+        if time.monotonic() > give_up:
+            raise RuntimeError(f"no {marker!r} in {path} after {timeout_s}s")
+        time.sleep(0.05)
+
+
+def start_simulator(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`python -m pipeline.cli sim --config FILE` in its own process (and session)."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "sim", "--config", str(config_path)],
+            stdout=out,
+            stderr=out,
+            cwd=REPO,
+            start_new_session=True,
+        )
+
+
+def stop_proc(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL the process group if it does not exit in `timeout_s`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _cmdlines() -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out[int(entry.name)] = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+    return out
+
+
+def other_stacks() -> int:
+    """Brokers, Ray nodes, simulators and gateways running on the machine (anyone's)."""
+    kinds = (b"kafka.Kafka", b"raylet", b"pipeline.cli")
+    return sum(any(k in cmd for k in kinds) for cmd in _cmdlines().values())
+
+
+def leftovers(work: Path, ray_owner_pid: int | None) -> dict[int, str]:
+    """Processes a run started that are still alive: anything naming its work dir, and the
+    Ray session started by `ray_owner_pid` (Ray names the session after that pid)."""
+    needle = str(work).encode()
+    session = re.compile(rb"session_[0-9_-]+_%d\b" % ray_owner_pid) if ray_owner_pid else None
+    me = os.getpid()
+    return {
+        pid: cmd.replace(b"\0", b" ").decode(errors="replace")[:160]
+        for pid, cmd in _cmdlines().items()
+        if pid != me and (needle in cmd or (session is not None and session.search(cmd)))
+    }
+
+
+def http_json(url: str, *, method: str = "GET", timeout_s: float = 10.0) -> Any:
+    """GET or POST (empty body) `url`; the decoded JSON answer (blocking: use a thread)."""
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        return json.loads(resp.read() or b"null")

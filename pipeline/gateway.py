@@ -27,7 +27,7 @@ from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from actors._exact_cache import cache_key, cacheable
 from actors._kafka import make_producer
-from actors._messages import Ask, CacheLookup, Grant, Job, Refusal, RouteAsk
+from actors._messages import Ask, CacheLookup, Grant, Job, Refusal, RouteAsk, Settlement
 from actors._replies import ReplyStream
 from actors.cache import cache_actors, shard_of
 from actors.caller import caller_actors
@@ -116,6 +116,7 @@ class Gateway:
         self._pending: dict[int, _Pending] = {}
         # Tickets handed to a caller actor: from then on the caller owns their answer.
         self._dispatched: set[int] = set()
+        self._quota_epoch: int | None = None
         self._offsets: OffsetTracker[TopicPartition] = OffsetTracker()
         self._paused = False
         self._consumer: Any = None
@@ -148,7 +149,7 @@ class Gateway:
             self._actors = start_actors(cfg)
         a = self.actors
         # Actors start their producers and loops now, not on the first request.
-        await asyncio.gather(
+        self._quota_epoch, *_ = await asyncio.gather(
             *(h.warm.remote() for h in (a.quota, *a.caches, *a.selectors, *a.callers))
         )
         self._producer = await make_producer(cfg, client_suffix="ingress")
@@ -355,10 +356,14 @@ class Gateway:
     async def _decided(self, decisions: Iterable[Any]) -> None:
         jobs: list[Job] = []
         answers: list[Awaitable[None]] = []
+        returned: list[Settlement] = []
         for d in decisions:
             if isinstance(d, Grant):
                 p = self._pending.get(d.ticket)
-                if p is None or p.model is None:
+                if p is None or p.model is None or d.ticket in self._dispatched:
+                    # A second grant for one ticket (asked again after a quota restart):
+                    # give the reservation back unused.
+                    returned.append(Settlement(d.lease, 0, deployment=d.deployment))
                     continue
                 jobs.append(
                     Job(
@@ -377,6 +382,8 @@ class Gateway:
                 answers.append(
                     self._answer(d.ticket, d.code, d.message, retry_after_ms=d.retry_after_ms)
                 )
+        if returned:
+            await self.actors.quota.settle.remote(returned)
         if answers:
             await asyncio.gather(*answers)
         if jobs:
@@ -399,11 +406,16 @@ class Gateway:
         timeout = self.config.quota.grant_poll_timeout_s
         while True:
             try:
-                decisions = await self.actors.quota.next_grants.remote(self.owner, timeout)
+                batch = await self.actors.quota.next_grants.remote(self.owner, timeout)
             except ray.exceptions.RayActorError:
                 log.warning("quota_actor_unavailable")
                 await asyncio.sleep(timeout)
                 continue
+            if batch.epoch != self._quota_epoch:
+                log.warning("quota_actor_restarted", old=self._quota_epoch, new=batch.epoch)
+                self._quota_epoch = batch.epoch
+                await self._resubmit_waiting()
+            decisions = batch.decisions
             if decisions:
                 try:
                     await self._decided(decisions)
@@ -430,6 +442,17 @@ class Gateway:
                     self._finish(f.ticket)
             if requeue:
                 await self._requeue(requeue)
+
+    async def _resubmit_waiting(self) -> None:
+        """Asks queued in a quota actor that died are lost with it: ask again."""
+        waiting = [
+            t for t, p in self._pending.items() if p.candidates and t not in self._dispatched
+        ]
+        if waiting:
+            log.info("resubmitting_waiting", count=len(waiting))
+            await self._decided(
+                await self.actors.quota.submit.remote([self._ask(t) for t in waiting])
+            )
 
     async def _requeue(self, tickets: list[int]) -> None:
         """Upstream answered 429 before any chunk: the request waits for quota again."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -337,3 +338,57 @@ def test_settlements_of_unknown_leases_are_ignored() -> None:
     book = QuotaBook(_config({"rpm": 10}), wall_ms=lambda: 0.0)
     book.settle([Settlement(12345, 10)])
     assert book.snapshot()["leases"] == 0
+
+
+def test_restart_from_checkpoint_never_starts_fuller_than_it_was() -> None:
+    clock = FakeClock()
+    wall = [1_000_000.0]
+    cfg = _config(
+        {"rpm": 60, "quantize_per_second": True}, tenants=[{"name": "t", "daily_tokens": 1000}]
+    )
+    book = QuotaBook(cfg, clock=clock, wall_ms=lambda: wall[0])
+    grants = []
+    for _ in range(5):  # one per second, as the quantized window allows
+        grants += [g for g in book.submit([_ask(len(grants) + 1)]) if isinstance(g, Grant)]
+        clock.now += 1.0
+    book.settle([Settlement(grants[0].lease, 8, prompt_tokens=5, completion_tokens=3)])
+    saved = json.loads(json.dumps(book.checkpoint()))  # what the topic would hold
+
+    wall[0] += 3_000.0  # restarted three seconds later, on a different monotonic clock
+    fresh_clock = FakeClock()
+    fresh_clock.now = 50.0
+    revived = QuotaBook(cfg, clock=fresh_clock, wall_ms=lambda: wall[0])
+    revived.restore(saved)
+    dep = revived.deployments["d0"]
+    assert dep.rpm is not None
+    # 5 known grants, plus what 3 s (+1 s window) could have hidden at 1/s.
+    assert dep.rpm.used(fresh_clock.now) == 5 + 4
+    assert dep.in_flight == 4  # the four unsettled calls may still be running
+    tenant = revived.tenant("t")
+    assert tenant.day_used == 8 + 4 * 10  # settled use + in-flight reservations as spent
+    # Settling a lease of the old incarnation frees its concurrency slot only.
+    revived.settle([Settlement(grants[1].lease, 10, deployment="d0")])
+    assert dep.in_flight == 3
+    assert tenant.day_used == 48
+
+
+def test_checkpoint_with_changed_limits_holds_the_whole_window() -> None:
+    clock = FakeClock()
+    book = QuotaBook(_config({"rpm": 10}), clock=clock, wall_ms=lambda: 0.0)
+    book.submit([_ask(1)])
+    saved = book.checkpoint()
+    revived = QuotaBook(_config({"rpm": 20}), clock=clock, wall_ms=lambda: 0.0)
+    revived.restore(saved)
+    dep = revived.deployments["d0"]
+    assert dep.rpm is not None
+    assert dep.rpm.remaining(clock.now) == 0
+    clock.now += 61.0
+    assert dep.rpm.remaining(clock.now) == 20
+
+
+def test_an_ask_sent_twice_is_queued_once() -> None:
+    book = QuotaBook(_config({"rpm": 1}), wall_ms=lambda: 0.0)
+    book.submit([_ask(1)])
+    assert isinstance(book.submit([_ask(2)])[0], Queued)
+    assert isinstance(book.submit([_ask(2)])[0], Queued)
+    assert book.queue_depth == 1

@@ -71,6 +71,8 @@ class TopicsConfig(_Section, frozen=True):
     responses: Name = "llm.responses"
     dlq: Name = "llm.requests.dlq"
     usage: Name = "llm.usage"
+    # Budget crossings, upstream 429s and exhausted deployments (an extension of CONTRACT.md).
+    events: Name = "llm.usage.events"
     internal_prefix: str = "quotaflow."
     partitions: PositiveInt = 6
     replication_factor: PositiveInt = 1
@@ -158,6 +160,8 @@ class QuotaConfig(_Section, frozen=True):
     freeze_default_ms: PositiveInt = 1_000
     # Upstream 429s re-queue the request (not the client's fault) at most this often.
     max_requeues: NonNegInt = 5
+    # The quota actor writes its windows and counters to `<internal_prefix>quota` this often.
+    checkpoint_interval_ms: PositiveInt = 1_000
     # Budget use (share of the limit) at which an event is logged and published.
     budget_alerts: list[Rate] = msgspec.field(default_factory=lambda: [0.8, 1.0])
     queue_max: PositiveInt = 20_000

@@ -66,7 +66,7 @@ def topic_specs(config: Config) -> list[TopicSpec]:
             cleanup_policy="delete",
             retention_ms=t.retention_ms,
         )
-        for name in (t.requests, t.responses, t.dlq, t.usage)
+        for name in (t.requests, t.responses, t.dlq, t.usage, t.events)
     ]
     internal = [
         TopicSpec(
