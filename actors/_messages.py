@@ -72,6 +72,8 @@ class Grant(msgspec.Struct, frozen=True):
     lease: int
     reserved_tokens: int
     queued_ms: float
+    # Wall-clock ms before which the call must not be sent (quantized deployments).
+    not_before_ms: float | None = None
 
 
 class Refusal(msgspec.Struct, frozen=True):

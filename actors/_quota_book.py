@@ -19,6 +19,7 @@ import itertools
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ MINUTE_S = 60.0
 SECOND_S = 1.0
 DAY_S = 86_400.0
 MONTH_KEY_DIVISOR = 100  # month key = year * 100 + month
+RATE_WINDOW_S = 10
 _FAR_FUTURE_MS = 2**62
 
 
@@ -248,6 +250,10 @@ class _Lease:
     deployment: DeploymentBuckets
     tenant: TenantBuckets
     token_entries: list[tuple[SlidingWindow, Entry]]
+    # Entries of this call alone (not day buckets), which a late send can postpone.
+    own_entries: list[tuple[SlidingWindow, Entry]]
+    # Wall-clock ms at which the entries were recorded (grant + pace).
+    recorded_ms: float
     reserved_tokens: int
     reserved_cost: float
     # What our minute windows held right after this grant: the provider's count above
@@ -280,6 +286,7 @@ class QuotaBook:
         self._wall_ms = wall_ms
         self._queue_max = q.queue_max
         self._freeze_default_s = q.freeze_default_ms / 1000.0
+        self._pace_s = q.quantized_pace_ms / 1000.0
         self._alerts = sorted(q.budget_alerts)
         self.deployments = {
             d.name: DeploymentBuckets.of(
@@ -302,6 +309,8 @@ class QuotaBook:
         self._queued: set[tuple[str, int]] = set()
         self.events: list[dict[str, Any]] = []
         self.grants_total = 0
+        # Grants per whole second, for the last RATE_WINDOW_S seconds (status: grants/s).
+        self._grant_seconds: deque[list[int]] = deque()
         self.refusals_total = 0
         self.upstream_429s = 0
 
@@ -473,9 +482,12 @@ class QuotaBook:
         now: float,
         since: float,
     ) -> Grant:
-        for w in dep.requests:
-            w.add(1, now)
-        entries = [(w, w.add(ask.tokens, now)) for w in dep.tokens]
+        # A quantizing provider sees the call when it is sent: record it then.
+        pace = self._pace_s if dep.short else 0.0
+        at = now + pace
+        request_entries = [(w, w.add(1, at)) for w in dep.requests]
+        entries = [(w, w.add(ask.tokens, at)) for w in dep.tokens]
+        own = [(w, e) for w, e in request_entries + entries if w.span_s < DAY_S]
         for w, is_tokens in tenant.windows:
             e = w.add(ask.tokens if is_tokens else 1, now)
             if is_tokens:
@@ -484,16 +496,26 @@ class QuotaBook:
         tenant.month_reserved_usd += cost
         dep.in_flight += 1
         lease = next(self._lease_ids)
+        recorded_ms = self._wall_ms() + pace * 1000.0
         self._leases[lease] = _Lease(
             deployment=dep,
             tenant=tenant,
             token_entries=entries,
+            own_entries=own,
+            recorded_ms=recorded_ms,
             reserved_tokens=ask.tokens,
             reserved_cost=cost,
             rpm_used=dep.rpm.used(now) if dep.rpm else 0,
             tpm_used=dep.tpm.used(now) if dep.tpm else 0,
         )
         self.grants_total += 1
+        second = int(now)
+        if self._grant_seconds and self._grant_seconds[-1][0] == second:
+            self._grant_seconds[-1][1] += 1
+        else:
+            self._grant_seconds.append([second, 1])
+            while self._grant_seconds and self._grant_seconds[0][0] <= second - RATE_WINDOW_S:
+                self._grant_seconds.popleft()
         self._virtual_clock = max(self._virtual_clock, tenant.vtime)
         tenant.vtime += ask.tokens / tenant.weight
         return Grant(
@@ -502,6 +524,7 @@ class QuotaBook:
             lease=lease,
             reserved_tokens=ask.tokens,
             queued_ms=(now - since) * 1000.0,
+            not_before_ms=recorded_ms if pace else None,
         )
 
     def admit_waiting(self) -> int:
@@ -623,6 +646,18 @@ class QuotaBook:
             self._check_alerts(tenant, wall)
             if s.observed is not None:
                 self._observe(lease, s.observed, now)
+
+    def sent_late(self, reports: Iterable[tuple[int, float]]) -> None:
+        """(lease, wall ms it was really sent): move its entries to that time."""
+        now = self._clock()
+        for lease_id, sent_ms in reports:
+            lease = self._leases.get(lease_id)
+            if lease is None:
+                continue
+            delay_s = (sent_ms - lease.recorded_ms) / 1000.0
+            for w, entry in lease.own_entries:
+                w.postpone(entry, delay_s, now)
+            lease.recorded_ms = max(lease.recorded_ms, sent_ms)
 
     def _observe(self, lease: _Lease, obs: Observation, now: float) -> None:
         dep = lease.deployment
@@ -805,6 +840,11 @@ class QuotaBook:
             "queue_by_tenant": {t: sum(v.values()) for t, v in queue.items()},
             "leases": len(self._leases),
             "grants_total": self.grants_total,
+            "grants_per_s": round(
+                sum(n for s, n in self._grant_seconds if s > int(now) - RATE_WINDOW_S)
+                / RATE_WINDOW_S,
+                3,
+            ),
             "refusals_total": self.refusals_total,
             "upstream_429s": self.upstream_429s,
         }

@@ -174,6 +174,11 @@ class Upstream:
             self._clients[dep.name] = c
         return c
 
+    def warm(self) -> None:
+        """Create every deployment's client now (a missing key fails here, named)."""
+        for dep in self._deployments.values():
+            self.client(dep)
+
     async def close(self) -> None:
         for c in self._clients.values():
             await c.close()

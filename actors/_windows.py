@@ -98,6 +98,15 @@ class SlidingWindow:
             entry.amount += delta
             self._used += delta
 
+    def postpone(self, entry: Entry, delay_s: float, now: float) -> None:
+        """The admission reached the provider `delay_s` later than recorded: expire it later.
+
+        Entries then may sit out of expiry order; expiry from the left keeps them longer,
+        never shorter, so the window only errs on the safe side.
+        """
+        if delay_s > 0 and entry.expires_at > now:
+            entry.expires_at += delay_s
+
     def free_at(self, amount: int, now: float) -> float | None:
         """Earliest time `amount` fits, if nothing else is added; None if it never can."""
         if amount > self.limit:

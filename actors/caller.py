@@ -8,6 +8,7 @@ poll), and lease settlements and cache entries on a timer (`_flush_loop`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -48,6 +49,9 @@ class Caller:
         self._puts: list[CacheEntry] = []
         self._flush_task: asyncio.Task[None] | None = None
         self._flush_s = config.gateway.flush_ms / 1000.0
+        self._late_ms = config.quota.late_report_ms
+        self._late: list[tuple[int, float]] = []
+        self._flush_now = asyncio.Event()
         self.calls = 0
 
     def _peers(self) -> tuple[Any, list[Any]]:
@@ -66,8 +70,10 @@ class Caller:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def warm(self) -> None:
-        """Start the producer and flusher now, so the first request pays no start-up."""
+        """Start the producer, flusher and SDK clients now: the first request pays no start-up
+        (creating a client takes long enough to disturb the pacing of the first calls)."""
         await self._start()
+        self._upstream.warm()
 
     async def submit(self, owner: str, jobs: list[Job]) -> None:
         """Start `jobs`; returns at once. Their tickets come back through `finished`."""
@@ -87,6 +93,16 @@ class Caller:
             tenant=req.tenant,
         )
         bound = log.bind(request_id=req.id, tenant=req.tenant, deployment=job.grant.deployment)
+        if job.grant.not_before_ms is not None:
+            hold_s = (job.grant.not_before_ms - time.time() * 1000.0) / 1000.0
+            if hold_s > 0:
+                await asyncio.sleep(hold_s)  # paced by the quota actor, see quantized_pace_ms
+            sent_ms = time.time() * 1000.0
+            if sent_ms - job.grant.not_before_ms > self._late_ms:
+                # Late: the next grant on this deployment must count from now, so say so
+                # at once rather than with the next flush.
+                self._late.append((job.grant.lease, sent_ms))
+                self._flush_now.set()
         self.calls += 1
         try:
             outcome = await self._upstream.run(job, out)
@@ -152,17 +168,22 @@ class Caller:
 
     async def _flush_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._flush_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_now.wait(), self._flush_s)
+            self._flush_now.clear()
             await self._flush()
 
     async def _flush(self) -> None:
         settle, self._settle = self._settle, []
         puts, self._puts = self._puts, []
-        if not settle and not puts:
+        late, self._late = self._late, []
+        if not settle and not puts and not late:
             return
         try:
             quota, caches = self._peers()
             calls = []
+            if late:
+                calls.append(quota.sent_late.remote(late))
             if settle:
                 calls.append(quota.settle.remote(settle))
             if puts and caches:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 from typing import Any
 
@@ -44,6 +45,8 @@ class GrantBatch(msgspec.Struct, frozen=True):
 
     epoch: int
     decisions: list[Admitted]
+    # The wait queue is at `quota.queue_max`: ingresses stop consuming until it drains.
+    queue_full: bool = False
 
 
 class QuotaService:
@@ -69,11 +72,10 @@ class QuotaService:
         await asyncio.shield(self._started)
 
     async def _start(self) -> None:
-        restored = await self._read_checkpoints()
-        if restored:
-            self.book.restore(restored)
-            log.info("quota_restored", records=len(restored), epoch=self.epoch)
         self._producer = await make_producer(self._config, client_suffix="quota")
+        restored = await self._read_checkpoints()
+        self.book.restore(restored)
+        log.info("quota_started", restored_records=len(restored), epoch=self.epoch)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._admission_loop()),
@@ -91,14 +93,9 @@ class QuotaService:
         )
         await consumer.start()
         try:
-            if self._topic not in await consumer.topics():
-                return {}
-            tps = [
-                TopicPartition(self._topic, p)
-                for p in consumer.partitions_for_topic(self._topic) or ()
-            ]
-            if not tps:
-                return {}
+            # The producer waits for fresh metadata; the gateway created the topic at start.
+            partitions = await self._producer.partitions_for(self._topic)
+            tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             end = await consumer.end_offsets(tps)
@@ -175,9 +172,9 @@ class QuotaService:
             try:
                 await asyncio.wait_for(ev.wait(), timeout_s)
             except TimeoutError:
-                return GrantBatch(self.epoch, [])
+                return GrantBatch(self.epoch, [], self.book.queue_full)
             got = self.book.take(owner)
-        return GrantBatch(self.epoch, got)
+        return GrantBatch(self.epoch, got, self.book.queue_full)
 
     async def settle(self, settlements: list[Settlement]) -> None:
         await self._ensure_started()
@@ -188,6 +185,11 @@ class QuotaService:
         if events and self._producer is not None:
             await self._publish(events)
         self._wake.set()
+
+    async def sent_late(self, reports: list[tuple[int, float]]) -> None:
+        """Callers report paced calls that went out late; see `QuotaBook.sent_late`."""
+        await self._ensure_started()
+        self.book.sent_late(reports)
 
     async def _publish(self, events: list[dict[str, Any]]) -> None:
         topic = self._config.topics.events
@@ -202,6 +204,7 @@ class QuotaService:
         await self._ensure_started()
         snap = self.book.snapshot()
         snap["epoch"] = self.epoch
+        snap["pid"] = os.getpid()
         return snap
 
 

@@ -1,17 +1,39 @@
-"""Run the benchmark suite: `make bench` or `.venv/bin/python -m benchmarks [--n 200 ...]`.
+"""Run the benchmark suite: `make bench` or `.venv/bin/python -m benchmarks [--only NAME ...]`.
 
-For now the suite is one benchmark, `ttft`; its options are the suite's.
+Runs, in order, `ttft`, `quota_decisions` and `quota_util` (the last needs the `bench`
+extra: litellm). Other options go to every benchmark that is run, so pass them with
+`--only` (e.g. `python -m benchmarks --only ttft --n 100`); each benchmark alone:
+`python -m benchmarks.<name> --help`.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from benchmarks import ttft
+from benchmarks import quota_decisions, quota_util, ttft
+
+SUITE: dict[str, Callable[[Sequence[str] | None], Any]] = {
+    "ttft": ttft.main,
+    "quota_decisions": quota_decisions.main,
+    "quota_util": quota_util.main,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ttft.main(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    ap.add_argument(
+        "--only", action="append", choices=sorted(SUITE), help="run only these (repeatable)"
+    )
+    a, rest = ap.parse_known_args(args)
+    names = a.only or list(SUITE)
+    for name in SUITE:
+        if name in names:
+            print(f"== {name}", flush=True)
+            SUITE[name](rest)
     return 0
 
 

@@ -35,6 +35,10 @@ def _kafka(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if os.environ.get("RAY_ADDRESS"):
+        from pipeline._ray_env import prepare_ray_auth
+
+        prepare_ray_auth()  # joining a cluster: before Ray is imported
     from pipeline.runtime import run_gateway
     from topics.config import load_config
 
@@ -74,6 +78,17 @@ def _send(args: argparse.Namespace) -> int:
     )
 
 
+def _status(args: argparse.Namespace) -> int:
+    from pipeline._ray_env import prepare_ray_auth
+
+    prepare_ray_auth()  # before Ray is imported
+    from pipeline.status import print_status
+    from topics.config import load_config
+
+    config = load_config(args.config)
+    return print_status(config, as_json=args.json, watch_s=None if args.once else args.interval)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -109,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--config", required=True)
     m.add_argument("--port", type=int, default=None, help="override simulator.port")
     m.set_defaults(func=_sim)
+
+    st = sub.add_parser("status", help="buckets, queues, callers and caches of the running gateway")
+    st.add_argument("--config", required=True)
+    st.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    st.add_argument("--json", action="store_true", help="machine-readable snapshot(s)")
+    st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    st.set_defaults(func=_status)
 
     d = sub.add_parser("demo", help="broker, simulator, gateway and sample traffic on one machine")
     d.add_argument("--requests", type=int, default=24, help="sample requests to send")

@@ -117,6 +117,8 @@ class Gateway:
         # Tickets handed to a caller actor: from then on the caller owns their answer.
         self._dispatched: set[int] = set()
         self._quota_epoch: int | None = None
+        # The quota actor's wait queue is full: consume nothing more until it says otherwise.
+        self._quota_full = False
         self._offsets: OffsetTracker[TopicPartition] = OffsetTracker()
         self._paused = False
         self._consumer: Any = None
@@ -415,6 +417,10 @@ class Gateway:
                 log.warning("quota_actor_restarted", old=self._quota_epoch, new=batch.epoch)
                 self._quota_epoch = batch.epoch
                 await self._resubmit_waiting()
+            if batch.queue_full != self._quota_full:
+                self._quota_full = batch.queue_full
+                log.warning("quota_queue_full" if batch.queue_full else "quota_queue_drained")
+                self._backpressure()
             decisions = batch.decisions
             if decisions:
                 try:
@@ -505,12 +511,13 @@ class Gateway:
         n = len(self._pending)
         if self._consumer is None:
             return
-        if not self._paused and n >= cfg.max_in_flight:
+        full = n >= cfg.max_in_flight or self._quota_full
+        if not self._paused and full:
             self._paused = True
             self.stats.paused += 1
             self._consumer.pause(*self._consumer.assignment())
             log.info("ingress_paused", in_flight=n)
-        elif self._paused and n <= cfg.max_in_flight * cfg.resume_ratio:
+        elif self._paused and not self._quota_full and n <= cfg.max_in_flight * cfg.resume_ratio:
             self._paused = False
             self._consumer.resume(*self._consumer.assignment())
             log.info("ingress_resumed", in_flight=n)

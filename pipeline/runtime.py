@@ -11,7 +11,7 @@ import ray
 import structlog
 
 from pipeline.gateway import Gateway
-from topics.config import Config
+from topics.config import Config, resolve_secret
 from topics.logs import configure_logging
 
 __all__ = ["init_ray", "run_gateway"]
@@ -36,6 +36,8 @@ def init_ray(config: Config) -> None:
 async def run_gateway(config: Config) -> int:
     """`quotaflow run`: serve until SIGINT/SIGTERM, drain in-flight requests, commit, exit 0."""
     configure_logging(config.logging)
+    for i, dep in enumerate(config.deployments):  # fail before Ray starts, naming the variable
+        resolve_secret(dep.api_key_env, what=f"deployments[{i}] ({dep.name}).api_key_env")
     init_ray(config)
     gateway = Gateway(config)
     loop = asyncio.get_running_loop()
@@ -44,7 +46,12 @@ async def run_gateway(config: Config) -> int:
             loop.add_signal_handler(sig, gateway.stop)
     try:
         await gateway.start()
-        print(f"quotaflow gateway running ({config.kafka.bootstrap_servers})", flush=True)
+        # The Ray address lets `RAY_ADDRESS=... quotaflow status` find this gateway's actors.
+        address = ray.get_runtime_context().gcs_address
+        print(
+            f"quotaflow gateway running (kafka {config.kafka.bootstrap_servers}, ray {address})",
+            flush=True,
+        )
         await gateway.run()
     finally:
         await gateway.close()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,31 @@ def kafka_bootstrap(kafka_local: LocalKafka) -> str:
 # -- the whole stack: simulator and gateway as the real CLI processes -----------------
 
 SIM_BAD_KEY_ENV = "QF_SIM_KEY_WRONG"
+
+
+@dataclass(frozen=True)
+class QuotaLane:
+    """A deployment with small limits, one simulator key with the very same limits."""
+
+    deployment: str
+    model: str
+    key_env: str
+    rpm: int
+    tpm: int
+
+
+# Issue 3's tests: each lane has its own key, so the simulator's stats separate them.
+RPM_LANE = QuotaLane("q-rpm", "q-rpm-model", "QF_SIM_KEY_C", rpm=12, tpm=1_000_000)
+TPM_LANE = QuotaLane("q-tpm", "q-tpm-model", "QF_SIM_KEY_D", rpm=1_000, tpm=3_000)
+FAIR_LANE = QuotaLane("q-fair", "q-fair-model", "QF_SIM_KEY_E", rpm=60, tpm=1_000_000)
+KILL_LANE = QuotaLane("q-kill", "q-kill-model", "QF_SIM_KEY_F", rpm=30, tpm=1_000_000)
+SLOW_LANE = QuotaLane("q-slow", "q-slow-model", "QF_SIM_KEY_G", rpm=1, tpm=1_000_000)
+QUOTA_LANES = (RPM_LANE, TPM_LANE, FAIR_LANE, KILL_LANE, SLOW_LANE)
+CAPPED_TENANT = "capped"
+CAPPED_DAILY_TOKENS = 100
+KILL_TENANT = "kill-tenant"
+# Smaller than the burst test's burst: the full quota queue must pause the ingress.
+SESSION_QUOTA_QUEUE_MAX = 30
 # Small enough that the 50-concurrent test pauses and resumes the ingress for real.
 SESSION_MAX_IN_FLIGHT = 20
 
@@ -61,6 +87,42 @@ class Stack:
     sim_log: Path
     gateway_log: Path
     gateway: GatewayProcess
+
+    def ray_address(self) -> str:
+        """The gateway's Ray cluster, from its start-up line."""
+        text = self.gateway_log.read_text()
+        marker = "ray "
+        line = [ln for ln in text.splitlines() if "quotaflow gateway running" in ln][-1]
+        return line.rsplit(marker, 1)[1].rstrip(")")
+
+    def status(self) -> dict[str, Any]:
+        """`quotaflow status --once --json` against this gateway."""
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "status",
+                "--config",
+                str(self.config_path),
+                "--once",
+                "--json",
+            ],
+            env={**os.environ, "RAY_ADDRESS": self.ray_address()},
+            capture_output=True,
+            check=False,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr.decode(errors="replace")[-3000:]
+        result: dict[str, Any] = json.loads(out.stdout)
+        return result
+
+    def sim_stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(
+            self.sim_url.removesuffix("/v1") + "/stats", timeout=30
+        ) as resp:
+            stats: dict[str, Any] = json.loads(resp.read())
+        return stats
 
     def sim_calls(self, request_id: str) -> list[dict[str, Any]]:
         """Simulator log lines for one request id (sent as X-Client-Request-Id)."""
@@ -93,7 +155,7 @@ def stack_config(kafka_bootstrap: str, stack_dir: Path) -> tuple[Config, Path]:
         sim_port=free_port(),
         sim_log=stack_dir / "sim.jsonl",
         limits={"rpm": 6000, "tpm": 2_000_000},
-        sim={"ttft_ms": 5, "inter_token_ms": 1, "output_tokens": 16},
+        sim={"ttft_ms": 5, "inter_token_ms": 1, "output_tokens": 16, "quantize_per_second": True},
         gateway={"max_in_flight": SESSION_MAX_IN_FLIGHT, "caller_actors": 2},
     )
     base = raw["deployments"][0]["base_url"]
@@ -101,6 +163,27 @@ def stack_config(kafka_bootstrap: str, stack_dir: Path) -> tuple[Config, Path]:
         {"name": "sim-bad", "base_url": base, "api_key_env": SIM_BAD_KEY_ENV, "model": "sim-small"}
     )
     raw["models"].append({"name": "broken", "deployments": ["sim-bad"]})
+    for lane in QUOTA_LANES:
+        os.environ.setdefault(lane.key_env, "sk-sim-" + secrets.token_urlsafe(18))
+        limits = {"rpm": lane.rpm, "tpm": lane.tpm}
+        raw["deployments"].append(
+            {
+                "name": lane.deployment,
+                "base_url": base,
+                "api_key_env": lane.key_env,
+                "model": "sim-small",
+                "limits": limits,
+            }
+        )
+        raw["models"].append({"name": lane.model, "deployments": [lane.deployment]})
+        raw["simulator"]["keys"].append(
+            {"api_key_env": lane.key_env, "models": {"sim-small": limits}}
+        )
+    raw["quota"] = {"queue_max": SESSION_QUOTA_QUEUE_MAX}
+    raw["tenants"] = [
+        {"name": CAPPED_TENANT, "daily_tokens": CAPPED_DAILY_TOKENS},
+        {"name": KILL_TENANT, "daily_tokens": 10_000_000},
+    ]
     path = stack_dir / "quotaflow.yaml"
     return write_config(raw, path), path
 

@@ -28,6 +28,7 @@ def _config(
     deployments: int = 1,
     tenants: list[dict[str, Any]] | None = None,
     price: dict[str, float] | None = None,
+    pace_ms: int = 0,
 ) -> Config:
     limits = {"quantize_per_second": False, **limits}
     return parse_config(
@@ -45,7 +46,11 @@ def _config(
                 for i in range(deployments)
             ],
             "models": [{"name": "fast", "deployments": [f"d{i}" for i in range(deployments)]}],
-            "quota": {"window_margin_ms": margin_ms, "second_margin_ms": 0},
+            "quota": {
+                "window_margin_ms": margin_ms,
+                "second_margin_ms": 0,
+                "quantized_pace_ms": pace_ms,
+            },
         }
     )
 
@@ -392,3 +397,42 @@ def test_an_ask_sent_twice_is_queued_once() -> None:
     assert isinstance(book.submit([_ask(2)])[0], Queued)
     assert isinstance(book.submit([_ask(2)])[0], Queued)
     assert book.queue_depth == 1
+
+
+def test_quantized_grants_are_paced_and_recorded_when_sent() -> None:
+    clock = FakeClock()
+    wall = [5_000.0]
+    book = QuotaBook(
+        _config({"rpm": 60, "quantize_per_second": True}, pace_ms=100),
+        clock=clock,
+        wall_ms=lambda: wall[0],
+    )
+    g = book.submit([_ask(1)])[0]
+    assert isinstance(g, Grant)
+    assert g.not_before_ms == 5_100.0
+    clock.now += 1.05  # the provider saw the call at +0.1 s: its second is not over yet
+    assert isinstance(book.submit([_ask(2)])[0], Queued)
+    clock.now += 0.1
+    assert book.admit_waiting() == 1
+    plain = QuotaBook(_config({"rpm": 60}, pace_ms=100), wall_ms=lambda: 0.0)
+    g2 = plain.submit([_ask(3)])[0]
+    assert isinstance(g2, Grant)
+    assert g2.not_before_ms is None  # no quantization, no pacing
+
+
+def test_a_late_send_moves_its_entries_to_when_it_really_left() -> None:
+    clock = FakeClock()
+    wall = [5_000.0]
+    book = QuotaBook(
+        _config({"rpm": 60, "quantize_per_second": True}, pace_ms=100),
+        clock=clock,
+        wall_ms=lambda: wall[0],
+    )
+    g = book.submit([_ask(1)])[0]
+    assert isinstance(g, Grant)
+    assert g.not_before_ms is not None
+    book.sent_late([(g.lease, g.not_before_ms + 300.0)])  # a cold caller sent it 300 ms late
+    clock.now += 1.15  # on time it would have expired by now (recorded at +0.1, span 1 s)
+    assert isinstance(book.submit([_ask(2)])[0], Queued)
+    clock.now += 0.3
+    assert book.admit_waiting() == 1

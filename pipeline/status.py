@@ -1,0 +1,150 @@
+"""`quotaflow status`: what the running gateway's actors are doing, for people and scripts.
+
+Joins the Ray cluster the gateway runs on (`RAY_ADDRESS`, else the local one) as a
+short-lived driver and asks the named actors for snapshots; it changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import ray
+from rich.console import Console
+from rich.table import Table
+
+from actors._ray import actor_by_name
+from actors.cache import cache_actor_name
+from actors.quota import QUOTA_ACTOR_NAME
+from topics.config import Config
+from topics.errors import QuotaflowError
+
+__all__ = ["collect_status", "print_status"]
+
+_CALL_TIMEOUT_S = 10.0
+
+
+def _connect(config: Config) -> None:
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(
+            address=address,
+            namespace=config.gateway.ray_namespace,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    except ConnectionError as exc:
+        raise QuotaflowError(
+            f"no Ray cluster at {address!r}: is `quotaflow run` running? ({exc})"
+        ) from None
+
+
+def collect_status(config: Config) -> dict[str, Any]:
+    """Snapshots of the quota actor, the callers and the cache shards, as one dict."""
+    _connect(config)
+    try:
+        quota = actor_by_name(config, QUOTA_ACTOR_NAME)
+    except ValueError:
+        raise QuotaflowError(
+            f"no quota actor {QUOTA_ACTOR_NAME!r} in namespace {config.gateway.ray_namespace!r}: "
+            "the gateway is not running on this cluster"
+        ) from None
+    out: dict[str, Any] = {"ts_ms": int(time.time() * 1000)}
+    out["quota"] = ray.get(quota.snapshot.remote(), timeout=_CALL_TIMEOUT_S)
+    callers = []
+    for i in range(config.gateway.caller_actors):
+        try:
+            handle = actor_by_name(config, f"quotaflow.caller.{i}")
+            callers.append(ray.get(handle.stats.remote(), timeout=_CALL_TIMEOUT_S))
+        except (ValueError, ray.exceptions.RayError) as exc:
+            callers.append({"caller": i, "error": type(exc).__name__})
+    out["callers"] = callers
+    caches = []
+    if config.cache.enabled:
+        for i in range(config.cache.shards):
+            try:
+                handle = actor_by_name(config, cache_actor_name(i))
+                caches.append(ray.get(handle.stats.remote(), timeout=_CALL_TIMEOUT_S))
+            except (ValueError, ray.exceptions.RayError) as exc:
+                caches.append({"shard": i, "error": type(exc).__name__})
+    out["caches"] = caches
+    return out
+
+
+def _render(status: dict[str, Any], console: Console) -> None:
+    q = status["quota"]
+    buckets = Table(title="deployments", title_justify="left")
+    for col in ("deployment", "bucket", "used", "limit", "reset s", "in flight", "state", "429s"):
+        buckets.add_column(col)
+    for name, d in q["deployments"].items():
+        state = (
+            "exhausted"
+            if d["exhausted"]
+            else (f"frozen {d['frozen_s']}s" if d["frozen_s"] else "ok")
+        )
+        rows = [(k, d[k]) for k in ("rpm", "tpm") if k in d] or [("-", None)]
+        for label, b in rows:
+            buckets.add_row(
+                name,
+                label,
+                str(b["used"]) if b else "-",
+                str(b["limit"]) if b else "unlimited",
+                str(b["reset_s"]) if b else "-",
+                str(d["in_flight"]),
+                state,
+                str(d["upstream_429s"]),
+            )
+    console.print(buckets)
+    queue = Table(title="waiting for quota", title_justify="left")
+    for col in ("tenant", "by priority", "total"):
+        queue.add_column(col)
+    for tenant, by_prio in q["queue_by_tenant_priority"].items():
+        queue.add_row(
+            tenant,
+            ", ".join(f"p{p}: {n}" for p, n in sorted(by_prio.items())),
+            str(sum(by_prio.values())),
+        )
+    console.print(queue)
+    tenants = Table(title="tenants", title_justify="left")
+    for col in ("tenant", "tokens today", "daily budget", "spent this month $", "monthly budget $"):
+        tenants.add_column(col)
+    for name, t in q["tenants"].items():
+        tenants.add_row(
+            name,
+            str(t["day_used_tokens"]),
+            str(t["daily_tokens"] or "-"),
+            f"{t['month_used_usd']:.6f}",
+            str(t["monthly_budget_usd"] or "-"),
+        )
+    console.print(tenants)
+    console.print(
+        f"grants/s {q['grants_per_s']}  grants {q['grants_total']}  "
+        f"refusals {q['refusals_total']}  queue {q['queue_depth']}  leases {q['leases']}  "
+        f"upstream 429s {q['upstream_429s']}  "
+        f"in flight {sum(c.get('in_flight', 0) for c in status['callers'])}"
+    )
+
+
+def print_status(config: Config, *, as_json: bool, watch_s: float | None) -> int:
+    """Print one snapshot (table or JSON), or refresh every `watch_s` until Ctrl-C."""
+    console = Console()
+    try:
+        while True:
+            status = collect_status(config)
+            if as_json:
+                print(json.dumps(status, sort_keys=True))
+            else:
+                if watch_s is not None:
+                    console.clear()
+                _render(status, console)
+            if watch_s is None:
+                return 0
+            time.sleep(watch_s)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
