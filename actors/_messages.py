@@ -117,8 +117,10 @@ class Settlement(msgspec.Struct, frozen=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     observed: Observation | None = None
-    # Lets a restarted quota actor free the concurrency of leases it no longer knows.
+    # Let a restarted quota actor free the concurrency, and count the tenant's use, of
+    # leases it no longer knows.
     deployment: str = ""
+    tenant: str = ""
 
 
 class Job(msgspec.Struct, frozen=True):

@@ -66,6 +66,9 @@ class DeploymentBuckets:
     tpm: SlidingWindow | None
     # The minute limits, which cap what a day window can have been charged per minute.
     minute_caps: tuple[int | None, int | None] = (None, None)
+    # Calls on quantized deployments leave this long after their grant (quantized_pace_ms):
+    # every window is checked and charged at that moment, not at the grant.
+    pace_s: float = 0.0
     in_flight: int = 0
     # In-flight calls a restarted actor inherited from its checkpoint, not from leases.
     inherited_in_flight: int = 0
@@ -79,7 +82,12 @@ class DeploymentBuckets:
 
     @classmethod
     def of(
-        cls, dep: Deployment, margin_s: float, second_margin_s: float, day_bucket_s: float
+        cls,
+        dep: Deployment,
+        margin_s: float,
+        second_margin_s: float,
+        day_bucket_s: float,
+        pace_s: float = 0.0,
     ) -> DeploymentBuckets:
         lim = dep.limits
         minute = MINUTE_S + margin_s
@@ -112,6 +120,7 @@ class DeploymentBuckets:
             rpm,
             tpm,
             (lim.rpm, lim.tpm),
+            pace_s=pace_s if short else 0.0,
         )
 
     def hidden_caps(self, elapsed_s: float) -> list[int]:
@@ -139,6 +148,7 @@ class DeploymentBuckets:
     def fits(self, tokens: int, now: float) -> bool:
         if self.exhausted or now < self.frozen_until:
             return False
+        now += self.pace_s  # the windows as they will be when the call leaves
         if self.max_concurrency is not None and self.in_flight >= self.max_concurrency:
             return False
         for w in self.requests:
@@ -164,14 +174,16 @@ class DeploymentBuckets:
 
     def free_at(self, tokens: int, now: float) -> float:
         """Earliest time `tokens` could fit by time alone (concurrency and others ignored)."""
-        t = max(now, self.frozen_until)
+        frozen_until = self.frozen_until + self.pace_s
+        now += self.pace_s
+        t = max(now, frozen_until)
         for w in self.requests:
             at = w.free_at(1, now)
             t = max(t, at if at is not None else t)
         for w in self.tokens:
             at = w.free_at(min(tokens, w.limit) if id(w) in self.short else tokens, now)
             t = max(t, at if at is not None else t)
-        return t
+        return t - self.pace_s  # back to grant time
 
 
 @dataclass
@@ -286,11 +298,14 @@ class QuotaBook:
         self._wall_ms = wall_ms
         self._queue_max = q.queue_max
         self._freeze_default_s = q.freeze_default_ms / 1000.0
-        self._pace_s = q.quantized_pace_ms / 1000.0
         self._alerts = sorted(q.budget_alerts)
         self.deployments = {
             d.name: DeploymentBuckets.of(
-                d, self._margin_s, q.second_margin_ms / 1000.0, float(q.day_bucket_s)
+                d,
+                self._margin_s,
+                q.second_margin_ms / 1000.0,
+                float(q.day_bucket_s),
+                q.quantized_pace_ms / 1000.0,
             )
             for d in config.deployments
         }
@@ -483,7 +498,7 @@ class QuotaBook:
         since: float,
     ) -> Grant:
         # A quantizing provider sees the call when it is sent: record it then.
-        pace = self._pace_s if dep.short else 0.0
+        pace = dep.pace_s
         at = now + pace
         request_entries = [(w, w.add(1, at)) for w in dep.requests]
         entries = [(w, w.add(ask.tokens, at)) for w in dep.tokens]
@@ -619,19 +634,33 @@ class QuotaBook:
 
     # -- reconciliation ------------------------------------------------------------------
 
-    def settle(self, settlements: Iterable[Settlement]) -> None:
-        """Return leases: correct token entries and budgets to real use, learn from headers."""
+    def settle(self, settlements: Iterable[Settlement]) -> set[str]:
+        """Return leases: correct token entries and budgets to real use, learn from headers.
+
+        Returns the tenants whose budget counters changed (to be made durable at once).
+        """
         now = self._clock()
         wall = self._wall_ms()
+        touched: set[str] = set()
         for s in settlements:
             lease = self._leases.pop(s.lease, None)
             if lease is None:
-                # A lease of an earlier incarnation: its usage was counted as spent when the
-                # checkpoint was restored; only its concurrency slot comes back.
+                # A lease of an earlier incarnation: its concurrency slot comes back, and
+                # its use counts for the tenant. If the checkpoint already counted its
+                # reservation as spent this counts twice: budgets err on the safe side.
                 dep_old = self.deployments.get(s.deployment)
                 if dep_old is not None and dep_old.inherited_in_flight > 0:
                     dep_old.inherited_in_flight -= 1
                     dep_old.in_flight = max(0, dep_old.in_flight - 1)
+                if s.tenant:
+                    t = self.tenant(s.tenant)
+                    t.roll(wall)
+                    t.day_used += s.used_tokens
+                    if dep_old is not None:
+                        t.month_used_usd += _cost(
+                            dep_old.price, s.prompt_tokens, s.completion_tokens
+                        )
+                    touched.add(t.name)
                 continue
             dep, tenant = lease.deployment, lease.tenant
             dep.in_flight = max(0, dep.in_flight - 1)
@@ -643,9 +672,11 @@ class QuotaBook:
             tenant.month_reserved_usd = max(0.0, tenant.month_reserved_usd - lease.reserved_cost)
             tenant.day_used += s.used_tokens
             tenant.month_used_usd += _cost(dep.price, s.prompt_tokens, s.completion_tokens)
+            touched.add(tenant.name)
             self._check_alerts(tenant, wall)
             if s.observed is not None:
                 self._observe(lease, s.observed, now)
+        return touched
 
     def sent_late(self, reports: Iterable[tuple[int, float]]) -> None:
         """(lease, wall ms it was really sent): move its entries to that time."""
@@ -722,11 +753,12 @@ class QuotaBook:
 
     # -- durability ----------------------------------------------------------------------
 
-    def checkpoint(self) -> dict[str, dict[str, Any]]:
-        """Every deployment's and tenant's state, keyed for a compacted topic."""
+    def checkpoint(self, tenants: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """State keyed for a compacted topic: everything, or only the named tenants."""
         now, wall = self._clock(), self._wall_ms()
         out: dict[str, dict[str, Any]] = {}
-        for name, d in self.deployments.items():
+        only = None if tenants is None else set(tenants)
+        for name, d in self.deployments.items() if only is None else ():
             out[f"deployment:{name}"] = {
                 "ts_ms": wall,
                 "signature": [w.signature() for w in d.windows],
@@ -736,6 +768,8 @@ class QuotaBook:
                 "exhausted": d.exhausted,
             }
         for name, t in self.tenants.items():
+            if only is not None and name not in only:
+                continue
             out[f"tenant:{name}"] = {
                 "ts_ms": wall,
                 "signature": [w.signature() for w, _ in t.windows],

@@ -8,8 +8,10 @@ a code from CONTRACT.md; the gateway, not the SDK, decides about retries.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -29,6 +31,8 @@ __all__ = ["Outcome", "Upstream", "observe", "parse_go_duration"]
 log = structlog.get_logger("quotaflow.caller")
 
 _DECODE: Final = msgspec.json.Decoder()
+# Sent upstream with every call: provider logs (and the simulator's) name the request.
+_REQUEST_ID_HEADER: Final = "X-Client-Request-Id"
 # Keys the gateway sets itself when calling upstream.
 _OWN_KEYS: Final = frozenset({"model", "messages", "stream"})
 
@@ -154,8 +158,10 @@ def _map_status_error(exc: openai.APIStatusError, dep: Deployment) -> _Failure:
 class Upstream:
     """One `AsyncOpenAI` client per deployment, created on first use."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, on_send: Callable[[str], None] | None = None) -> None:
         self._config = config
+        # Called with the request id at the moment its HTTP request is really sent.
+        self._on_send = on_send
         self._deployments = {d.name: d for d in config.deployments}
         self._clients: dict[str, openai.AsyncOpenAI] = {}
         self._max_requeues = config.quota.max_requeues
@@ -170,14 +176,40 @@ class Upstream:
                 ),
                 max_retries=0,  # hidden SDK retries would spend quota the gateway did not grant
                 timeout=httpx.Timeout(dep.timeout_s, connect=dep.connect_timeout_s),
+                http_client=openai.DefaultAsyncHttpxClient(
+                    event_hooks={"request": [self._request_sent]}
+                ),
             )
             self._clients[dep.name] = c
         return c
 
-    def warm(self) -> None:
-        """Create every deployment's client now (a missing key fails here, named)."""
-        for dep in self._deployments.values():
-            self.client(dep)
+    async def _request_sent(self, request: httpx.Request) -> None:
+        request_id = request.headers.get(_REQUEST_ID_HEADER)
+        if request_id is not None and self._on_send is not None:
+            self._on_send(request_id)
+
+    async def warm(self, *, connect: bool) -> None:
+        """Create every deployment's client now (a missing key fails here, named).
+
+        With `connect`, also open a connection with `GET /models`, which chat rate limits
+        do not count: the first call of a process otherwise pays the connection set-up,
+        late enough to disturb the pacing of quantized deployments. A refusal is logged
+        naming the deployment and its key variable; the gateway still starts.
+        """
+        clients = [(dep, self.client(dep)) for dep in self._deployments.values()]
+        if not connect:
+            return
+        results = await asyncio.gather(
+            *(c.models.list() for _, c in clients), return_exceptions=True
+        )
+        for (dep, _), result in zip(clients, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning(
+                    "upstream_warmup_failed",
+                    deployment=dep.name,
+                    key_env=dep.api_key_env,
+                    error=type(result).__name__,
+                )
 
     async def close(self) -> None:
         for c in self._clients.values():
@@ -238,7 +270,7 @@ class Upstream:
             "messages": body["messages"],
             "stream": stream,
             "extra_body": extra,
-            "extra_headers": {"X-Client-Request-Id": job.request.id},
+            "extra_headers": {_REQUEST_ID_HEADER: job.request.id},
         }
 
     async def _stream(

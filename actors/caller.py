@@ -40,7 +40,9 @@ class Caller:
         # Resolved by name on first use, so a restarted caller needs no handles.
         self._quota: Any = None
         self._caches: list[Any] | None = None
-        self._upstream = Upstream(config)
+        self._upstream = Upstream(config, on_send=self._request_sent)
+        # Paced calls in flight, by request id: (lease, not_before_ms).
+        self._paced: dict[str, tuple[int, float]] = {}
         self._producer: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._finished: dict[str, list[Finished]] = {}
@@ -73,7 +75,7 @@ class Caller:
         """Start the producer, flusher and SDK clients now: the first request pays no start-up
         (creating a client takes long enough to disturb the pacing of the first calls)."""
         await self._start()
-        self._upstream.warm()
+        await self._upstream.warm(connect=self._config.gateway.warm_connections)
 
     async def submit(self, owner: str, jobs: list[Job]) -> None:
         """Start `jobs`; returns at once. Their tickets come back through `finished`."""
@@ -97,15 +99,13 @@ class Caller:
             hold_s = (job.grant.not_before_ms - time.time() * 1000.0) / 1000.0
             if hold_s > 0:
                 await asyncio.sleep(hold_s)  # paced by the quota actor, see quantized_pace_ms
-            sent_ms = time.time() * 1000.0
-            if sent_ms - job.grant.not_before_ms > self._late_ms:
-                # Late: the next grant on this deployment must count from now, so say so
-                # at once rather than with the next flush.
-                self._late.append((job.grant.lease, sent_ms))
-                self._flush_now.set()
+            self._paced[req.id] = (job.grant.lease, job.grant.not_before_ms)
         self.calls += 1
         try:
-            outcome = await self._upstream.run(job, out)
+            try:
+                outcome = await self._upstream.run(job, out)
+            finally:
+                self._paced.pop(req.id, None)  # the send hook did not fire: nothing left
         except Exception as exc:  # noqa: BLE001 - any bug must still end the request with a reply
             bound.exception("caller_crashed")
             outcome = Outcome(status="internal", deployment=job.grant.deployment)
@@ -128,6 +128,7 @@ class Caller:
                 completion_tokens=outcome.completion_tokens,
                 observed=outcome.observed,
                 deployment=job.grant.deployment,
+                tenant=req.tenant,
             )
         )
         if outcome.status == "done" and job.cache_key is not None:
@@ -152,6 +153,20 @@ class Caller:
         ev = self._finished_ev.get(owner)
         if ev is not None:
             ev.set()
+
+    def _request_sent(self, request_id: str) -> None:
+        """The HTTP request of a paced call is leaving now: report it if it is late."""
+        paced = self._paced.pop(request_id, None)
+        if paced is None:
+            return
+        lease, not_before_ms = paced
+        sent_ms = time.time() * 1000.0
+        if sent_ms - not_before_ms > self._late_ms:
+            # The next grant on this deployment must count from now: say so at once,
+            # not with the next flush. (A first call in a process is typically ~100 ms
+            # late inside the SDK, more under load.)
+            self._late.append((lease, sent_ms))
+            self._flush_now.set()
 
     async def finished(self, owner: str, timeout_s: float) -> list[Finished]:
         """Long poll: tickets whose terminal reply Kafka has acknowledged."""

@@ -126,9 +126,9 @@ class QuotaService:
             except Exception as exc:  # noqa: BLE001 - Kafka may be down; keep serving, try again
                 log.warning("checkpoint_failed", error=repr(exc))
 
-    async def checkpoint(self) -> int:
-        """Write every bucket's state now; returns how many records were written."""
-        records = self.book.checkpoint()
+    async def checkpoint(self, tenants: set[str] | None = None) -> int:
+        """Write state now (all, or only `tenants`); returns how many records were written."""
+        records = self.book.checkpoint(tenants)
         futures = [
             await self._producer.send(
                 self._topic, key=key.encode(), value=_CHECKPOINT.encode(value)
@@ -178,7 +178,14 @@ class QuotaService:
 
     async def settle(self, settlements: list[Settlement]) -> None:
         await self._ensure_started()
-        self.book.settle(settlements)
+        touched = self.book.settle(settlements)
+        if touched:
+            # Budgets are money: written through before the settlement is acknowledged,
+            # so a crash loses no settled use (Ray re-runs an interrupted settle).
+            try:
+                await self.checkpoint(touched)
+            except Exception as exc:  # noqa: BLE001 - Kafka down: the periodic checkpoint retries
+                log.warning("budget_write_through_failed", tenants=sorted(touched), error=repr(exc))
         events = self.book.drain_events()
         for event in events:
             log.warning(str(event.get("event")), **{k: v for k, v in event.items() if k != "event"})

@@ -410,9 +410,13 @@ def test_quantized_grants_are_paced_and_recorded_when_sent() -> None:
     g = book.submit([_ask(1)])[0]
     assert isinstance(g, Grant)
     assert g.not_before_ms == 5_100.0
-    clock.now += 1.05  # the provider saw the call at +0.1 s: its second is not over yet
+    # The first call leaves at +0.1 s. A grant at +0.85 s would leave at +0.95 s, inside
+    # that call's second: it waits. At +1.05 s it leaves at +1.15 s: a second apart.
+    clock.now += 0.85
     assert isinstance(book.submit([_ask(2)])[0], Queued)
-    clock.now += 0.1
+    clock.now += 0.1  # +0.95 s: would leave at +1.05 s, 0.95 s after the first
+    assert book.admit_waiting() == 0
+    clock.now += 0.1  # +1.05 s
     assert book.admit_waiting() == 1
     plain = QuotaBook(_config({"rpm": 60}, pace_ms=100), wall_ms=lambda: 0.0)
     g2 = plain.submit([_ask(3)])[0]

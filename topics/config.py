@@ -203,6 +203,9 @@ class GatewayConfig(_Section, frozen=True):
     # Chunks from upstream within this window go out as one reply (the first is immediate).
     coalesce_ms: NonNegInt = 0
     headroom_refresh_ms: PositiveInt = 250
+    # Callers open a connection to every deployment at start (GET /models), so that the
+    # first calls are not late; also names a refused key in the log before traffic.
+    warm_connections: bool = True
     # Callers send lease settlements and cache entries in one batch per this interval.
     flush_ms: PositiveInt = 20
     drain_timeout_s: PositiveFloat = 30.0
