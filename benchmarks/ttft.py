@@ -27,9 +27,7 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -48,10 +46,15 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from benchmarks._common import (
     REPO,
     add_row,
+    leftovers,
     machine,
     machine_summary,
+    other_stacks,
     percentiles,
     stamp,
+    start_simulator,
+    stop_proc,
+    wait_line,
     write_json,
 )
 from pipeline.client import QuotaflowClient
@@ -333,76 +336,6 @@ async def _at_rate(floor: KafkaFloor, direct: Direct, gateway: ViaGateway, p: Pa
 # -- the stack ----------------------------------------------------------------------------
 
 
-def _wait_line(path: Path, marker: bytes, proc: subprocess.Popen[bytes], timeout_s: float) -> str:
-    give_up = time.monotonic() + timeout_s
-    while True:
-        data = path.read_bytes()
-        at = data.find(marker)
-        if at >= 0:
-            return data[at:].split(b"\n", 1)[0].decode()
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}; see {path}")
-        if time.monotonic() > give_up:
-            raise RuntimeError(f"no {marker!r} in {path} after {timeout_s}s")
-        time.sleep(0.05)
-
-
-def _start_simulator(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
-    """`quotaflow sim` in its own process (and session), output to `log`."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "sim", "--config", str(config_path)],
-            stdout=out,
-            stderr=out,
-            cwd=REPO,
-            start_new_session=True,
-        )
-
-
-def _stop_proc(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _other_stacks() -> int:
-    """Brokers, Ray nodes, simulators and gateways already running (not this run's)."""
-    kinds = (b"kafka.Kafka", b"raylet", b"pipeline.cli")
-    count = 0
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            count += any(k in cmd for k in kinds)
-    return count
-
-
-def _leftovers(work: Path, gateway_pid: int | None) -> dict[int, str]:
-    """Processes this run started that are still alive: anything naming the work dir
-    (broker, simulator, gateway) and the Ray session the gateway started (its name ends
-    with the gateway's pid). Other runs' processes on the machine are not ours."""
-    needles = [str(work).encode()]
-    session = re.compile(rb"session_[0-9_-]+_%d\b" % gateway_pid) if gateway_pid else None
-    found: dict[int, str] = {}
-    me = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if any(n in cmd for n in needles) or (session is not None and session.search(cmd)):
-            found[int(entry.name)] = cmd.replace(b"\0", b" ").decode(errors="replace")[:160]
-    return found
-
-
 async def _measure(p: Params, work: Path, notes: dict[str, Any]) -> dict[str, LoadResult]:
     kafka = LocalKafka(home=work / "home")
     sim_proc: subprocess.Popen[bytes] | None = None
@@ -425,9 +358,9 @@ async def _measure(p: Params, work: Path, notes: dict[str, Any]) -> dict[str, Lo
         config_path = work / "quotaflow.yaml"
         config = write_config(raw, config_path)
         sim_log = work / "sim.out"
-        sim_proc = _start_simulator(config_path, sim_log)
+        sim_proc = start_simulator(config_path, sim_log)
         line = await asyncio.to_thread(
-            _wait_line, sim_log, b"simulator listening on", sim_proc, 60.0
+            wait_line, sim_log, b"simulator listening on", sim_proc, 60.0
         )
         notes["simulator"] = line
         t = time.perf_counter()
@@ -462,7 +395,7 @@ async def _measure(p: Params, work: Path, notes: dict[str, Any]) -> dict[str, Lo
         if gateway is not None:
             notes["gateway_exit"] = await gateway.stop()
         if sim_proc is not None:
-            await asyncio.to_thread(_stop_proc, sim_proc)
+            await asyncio.to_thread(stop_proc, sim_proc)
         await asyncio.to_thread(kafka.down)
 
 
@@ -550,7 +483,7 @@ async def run(p: Params) -> dict[str, Any]:
     notes: dict[str, Any] = {
         "work_dir": str(work),
         "loadavg_at_start": os.getloadavg(),
-        "other_stacks_at_start": _other_stacks(),
+        "other_stacks_at_start": other_stacks(),
     }
     ok = False
     try:
@@ -558,8 +491,8 @@ async def run(p: Params) -> dict[str, Any]:
         ok = True
     finally:
         notes["loadavg_at_end"] = os.getloadavg()
-        notes["other_stacks_at_end"] = _other_stacks() - len(_leftovers(work, None))
-        left = _leftovers(work, notes.get("gateway_pid"))
+        notes["other_stacks_at_end"] = other_stacks() - len(leftovers(work, None))
+        left = leftovers(work, notes.get("gateway_pid"))
         if left:
             print(f"warning: processes left behind: {left}", file=sys.stderr)
         if ok and not p.keep:

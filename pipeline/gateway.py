@@ -38,7 +38,7 @@ from pipeline._offsets import OffsetTracker
 from pipeline._validate import parse_request, salvage
 from topics.config import Config, resolve_secret
 from topics.errors import ErrorCode, InvalidRequest, RequestError, Unauthorized
-from topics.tokens import estimate_prompt_tokens
+from topics.tokens import PromptCounter
 from topics.wire import Request
 
 __all__ = ["Actors", "Gateway", "GatewayStats", "start_actors"]
@@ -131,6 +131,8 @@ class Gateway:
             for t in config.tenants
             if t.api_key_env
         }
+        self._upstream_model = {d.name: d.model for d in config.deployments}
+        self._prompt_counter = PromptCounter(self._upstream_model.values())
         self.stats = GatewayStats()
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
@@ -310,7 +312,10 @@ class Gateway:
                 )
                 continue
             p.model = route.model
-            p.prompt_tokens = estimate_prompt_tokens(p.request.request["messages"])
+            p.prompt_tokens = self._prompt_counter.count(
+                p.request.request["messages"],
+                [self._upstream_model[d] for d in route.candidates if d in self._upstream_model],
+            )
             routed.append(route.ticket)
             p.candidates = route.candidates
             if self.actors.caches and cacheable(p.request, self.config.cache):

@@ -273,3 +273,17 @@ def test_shipped_example_configs_are_valid() -> None:
     assert examples
     for path in examples:
         assert load_config(path).deployments
+
+
+def test_prompt_counter_uses_a_real_tokenizer_and_never_undercuts_the_estimate() -> None:
+    from topics.tokens import PromptCounter, estimate_prompt_tokens
+
+    counter = PromptCounter(["gpt-4o", "sim-small"])
+    assert counter.models_with_tokenizer == ["gpt-4o"]  # bpe-openai is in the dev extra
+    english = [{"role": "user", "content": "Where is my parcel? I ordered it last week."}]
+    cjk = [{"role": "user", "content": "我的包裹在哪里 我上周订购了它 但它还没有到 " * 4}]
+    for messages in (english, cjk):
+        assert counter.count(messages, ["gpt-4o"]) >= estimate_prompt_tokens(messages)
+        assert counter.count(messages, ["sim-small"]) == estimate_prompt_tokens(messages)
+    # Characters undercount Chinese text: the tokenizer raises the reservation.
+    assert counter.count(cjk, ["gpt-4o"]) > estimate_prompt_tokens(cjk)

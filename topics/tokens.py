@@ -15,6 +15,7 @@ __all__ = [
     "CHARS_PER_TOKEN",
     "MESSAGE_OVERHEAD_TOKENS",
     "REPLY_PRIMING_TOKENS",
+    "PromptCounter",
     "estimate_prompt_tokens",
 ]
 
@@ -45,3 +46,52 @@ def estimate_prompt_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
         chars = _text_len(msg.get("content")) + len(str(msg.get("name", "") or ""))
         tokens += MESSAGE_OVERHEAD_TOKENS + -(-chars // CHARS_PER_TOKEN)
     return tokens
+
+
+class PromptCounter:
+    """Prompt tokens for reservations: a real tokenizer where one is installed for the
+    model family, never less than the character estimate.
+
+    OpenAI admits by a character-count estimate, so the estimate stays a floor; the
+    tokenizer raises the count where characters undercount (CJK text, code). The
+    tokenizer comes from the optional `bpe-openai` package (vocabularies embedded,
+    nothing downloaded): `pip install 'quotaflow[tokenizers]'`. Without it, or for other
+    families, the count is the estimate.
+    """
+
+    def __init__(self, upstream_models: Iterable[str]) -> None:
+        self._encoders: dict[str, Any] = {}
+        try:
+            import bpe_openai  # optional extra; large, so imported only when wanted
+        except ImportError:
+            return
+        for model in set(upstream_models):
+            try:
+                self._encoders[model] = bpe_openai.encoding_for_model(model)
+            except Exception:  # noqa: BLE001 - not an OpenAI family: the estimate serves
+                continue
+
+    @property
+    def models_with_tokenizer(self) -> list[str]:
+        return sorted(self._encoders)
+
+    def count(self, messages: list[Mapping[str, Any]], upstream_models: Iterable[str]) -> int:
+        """Tokens to reserve for `messages` on any of `upstream_models`."""
+        best = estimate_prompt_tokens(messages)
+        for model in upstream_models:
+            enc = self._encoders.get(model)
+            if enc is None:
+                continue
+            tokens = REPLY_PRIMING_TOKENS
+            for msg in messages:
+                content = msg.get("content")
+                if isinstance(content, list):
+                    content = " ".join(
+                        str(p.get("text", "")) for p in content if isinstance(p, Mapping)
+                    )
+                text = (content if isinstance(content, str) else "") + str(
+                    msg.get("name", "") or ""
+                )
+                tokens += MESSAGE_OVERHEAD_TOKENS + len(enc.encode(text))
+            best = max(best, tokens)
+        return best
