@@ -539,7 +539,8 @@ class QuotaBook:
             lease=lease,
             reserved_tokens=ask.tokens,
             queued_ms=(now - since) * 1000.0,
-            not_before_ms=recorded_ms if pace else None,
+            # On quantized deployments callers report a send later than this (see sent_late).
+            not_before_ms=recorded_ms if dep.short else None,
         )
 
     def admit_waiting(self) -> int:

@@ -154,13 +154,13 @@ class QuotaConfig(_Section, frozen=True):
     window_margin_ms: NonNegInt = 250
     # The same margin for the 1 s quantized windows; it costs margin/1 s of burst capacity.
     second_margin_ms: NonNegInt = 20
-    # On deployments that quantize per second, each call is held until this long after its
-    # grant, and recorded at that time: calls then reach the provider in the order and
-    # spacing of the windows, whatever the jitter of the hops in between (up to this).
-    quantized_pace_ms: NonNegInt = 100
-    # A paced call sent later than this after its `not_before` is reported at once, and its
-    # window entries move to the real send time (a busy or cold caller can be late).
+    # On deployments that quantize per second, a call sent later than this after the time
+    # its grant was recorded is reported at once, and its window entries move to the real
+    # send time (a busy or cold caller can be late): windows follow the provider's clock.
     late_report_ms: NonNegInt = 5
+    # Optionally hold every call on a quantized deployment this long after its grant (and
+    # record it then), for links whose jitter outruns the reports. Costs this much latency.
+    quantized_pace_ms: NonNegInt = 0
     # Daily windows aggregate grants into buckets of this many seconds (memory bound).
     day_bucket_s: PositiveInt = 60
     # A 429 without retry-after freezes the deployment this long.
