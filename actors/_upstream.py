@@ -12,7 +12,7 @@ import asyncio
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import httpx2 as httpx
@@ -50,9 +50,6 @@ class Outcome:
     upstream_model: str = ""
     upstream_calls: int = 1
     observed: Observation | None = None
-    # A 429 before any chunk: not the request's fault, so the gateway queues it again.
-    requeue: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _Failure(Exception):
@@ -243,8 +240,8 @@ class Upstream:
                 # Our windows should have prevented this; the book freezes the deployment
                 # and counts it, and the request waits for quota again instead of failing.
                 log.warning("upstream_429", request_id=job.request.id, deployment=dep.name)
+                # A 429 before any chunk is not the request's fault: it waits for quota again.
                 outcome.status = "requeue"
-                outcome.requeue = True
                 return outcome
             return await self._fail(job, out, outcome, failure)
         except (openai.APIConnectionError, httpx.TransportError) as exc:

@@ -12,6 +12,7 @@ import structlog
 
 from pipeline.gateway import Gateway
 from topics.config import Config, resolve_secret
+from topics.errors import QuotaflowError
 from topics.logs import configure_logging
 
 __all__ = ["init_ray", "run_gateway"]
@@ -19,18 +20,27 @@ __all__ = ["init_ray", "run_gateway"]
 log = structlog.get_logger("quotaflow.gateway")
 
 
-def init_ray(config: Config) -> None:
-    """Join the cluster at RAY_ADDRESS if set, else start Ray locally (no dashboard)."""
+def init_ray(config: Config, *, join_only: bool = False) -> None:
+    """Join the cluster at RAY_ADDRESS if set, else start Ray locally (no dashboard).
+
+    `join_only`: never start a cluster (find the local one instead) and print none of its
+    workers' logs; for short-lived drivers such as `quotaflow status`.
+    """
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or None
-    ray.init(
-        address=address,
-        namespace=config.gateway.ray_namespace,
-        include_dashboard=False,
-        log_to_driver=True,
-        configure_logging=False,
-    )
+    address = os.environ.get("RAY_ADDRESS") or ("auto" if join_only else None)
+    try:
+        ray.init(
+            address=address,
+            namespace=config.gateway.ray_namespace,
+            include_dashboard=False,
+            log_to_driver=not join_only,
+            configure_logging=False,
+        )
+    except ConnectionError as exc:
+        raise QuotaflowError(
+            f"no Ray cluster at {address!r}: is `quotaflow run` running? ({exc})"
+        ) from None
 
 
 async def run_gateway(config: Config) -> int:

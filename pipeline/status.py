@@ -7,7 +7,6 @@ short-lived driver and asks the named actors for snapshots; it changes nothing.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -18,6 +17,7 @@ from rich.table import Table
 from actors._ray import actor_by_name
 from actors.cache import cache_actor_name
 from actors.quota import QUOTA_ACTOR_NAME
+from pipeline.runtime import init_ray
 from topics.config import Config
 from topics.errors import QuotaflowError
 
@@ -26,27 +26,9 @@ __all__ = ["collect_status", "print_status"]
 _CALL_TIMEOUT_S = 10.0
 
 
-def _connect(config: Config) -> None:
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS") or "auto"
-    try:
-        ray.init(
-            address=address,
-            namespace=config.gateway.ray_namespace,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    except ConnectionError as exc:
-        raise QuotaflowError(
-            f"no Ray cluster at {address!r}: is `quotaflow run` running? ({exc})"
-        ) from None
-
-
 def collect_status(config: Config) -> dict[str, Any]:
     """Snapshots of the quota actor, the callers and the cache shards, as one dict."""
-    _connect(config)
+    init_ray(config, join_only=True)
     try:
         quota = actor_by_name(config, QUOTA_ACTOR_NAME)
     except ValueError:
