@@ -15,6 +15,7 @@ __all__ = [
     "CacheEntry",
     "CacheLookup",
     "Decision",
+    "DeploymentState",
     "Finished",
     "Grant",
     "Job",
@@ -35,16 +36,49 @@ class RouteAsk(msgspec.Struct, frozen=True):
     tenant: str
     tier: str | None = None
     task: str | None = None
+    # Deployments that just failed this request: ranked after every other candidate.
+    avoid: tuple[str, ...] = ()
+    # Set only when needed (model "auto", or a cost bound): the prompt to score and price.
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int = 0
+    max_cost_usd: float | None = None
 
 
 class Route(msgspec.Struct, frozen=True):
-    """The selector's answer: a public model and its deployments, best first, or an error."""
+    """The selector's answer: a public model and its deployments, best first, or an error.
+
+    `candidates` holds the deployments to use, best first; `served` names the public model
+    each of `candidates` and then of `fallback` serves (what `done.model` says).
+    """
 
     ticket: int
     model: str | None
     candidates: tuple[str, ...] = ()
     error: ErrorCode | None = None
     message: str | None = None
+    served: tuple[str, ...] = ()
+    # The rest of the fallback chain, for the quota actor to use when every candidate is
+    # open or exhausted by then (the selector's view is up to a refresh old).
+    fallback: tuple[str, ...] = ()
+
+    def model_for(self, deployment: str) -> str | None:
+        """The public model a grant on `deployment` serves."""
+        for dep, model in zip((*self.candidates, *self.fallback), self.served, strict=False):
+            if dep == deployment:
+                return model
+        return self.model
+
+
+class DeploymentState(msgspec.Struct, frozen=True):
+    """What the quota actor tells the selectors about one deployment, every refresh."""
+
+    headroom: float
+    # "closed", "open" or "half_open"
+    breaker: str = "closed"
+    # EWMA of the time to first token of its successful calls (None before the first).
+    ttft_ewma_ms: float | None = None
+    frozen: bool = False
+    exhausted: bool = False
 
 
 class Ask(msgspec.Struct, frozen=True):
@@ -58,6 +92,8 @@ class Ask(msgspec.Struct, frozen=True):
     candidates: tuple[str, ...]
     prompt_tokens: int
     max_tokens: int
+    # Used only when every candidate is open or exhausted (the model's fallbacks).
+    fallback: tuple[str, ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -121,6 +157,13 @@ class Settlement(msgspec.Struct, frozen=True):
     # leases it no longer knows.
     deployment: str = ""
     tenant: str = ""
+    # For the deployment's breaker: "ok", "failed" (5xx, timeout, connection, cut
+    # stream), "rate_limited", "exhausted", "client_error" (the request's own fault), or
+    # "unused" (a grant given back without a call). Only "ok" and "failed" move it.
+    outcome: str = "ok"
+    ttft_ms: float | None = None
+    # Prompt tokens the provider served from its prompt cache (priced lower).
+    cached_tokens: int = 0
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -135,14 +178,29 @@ class Job(msgspec.Struct, frozen=True):
     received_ms: float
     cache_key: str | None
     attempt: int = 1
+    # The reply stream continues at this seq (earlier attempts used the ones below).
+    start_seq: int = 0
+    # Send a `reset` before anything else: an earlier attempt may have sent chunks.
+    reset_first: bool = False
+    # The public model each deployment of the route serves (fallbacks included).
+    served: dict[str, str] | None = None
 
 
 class Finished(msgspec.Struct, frozen=True):
-    """A request whose terminal reply is acknowledged by Kafka."""
+    """A request whose terminal reply is acknowledged by Kafka, or one to try again.
+
+    `status` "retry": no terminal reply was sent; the ingress routes and asks quota for
+    it again after `retry_after_ms`, avoiding `deployment`, continuing at `next_seq`.
+    """
 
     ticket: int
     status: str
     upstream_calls: int = 0
+    next_seq: int = 0
+    retry_after_ms: int = 0
+    deployment: str | None = None
+    # Chunks of the failed attempt reached the reply topic (a `reset` was sent after them).
+    sent_chunks: bool = False
 
 
 class CacheEntry(msgspec.Struct, frozen=True):

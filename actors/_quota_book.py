@@ -24,18 +24,21 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors._breaker import CircuitBreaker
 from actors._messages import (
     Admitted,
     Ask,
     Decision,
+    DeploymentState,
     Grant,
     Observation,
     Queued,
     Refusal,
     Settlement,
 )
+from actors._replies import cost_usd
 from actors._windows import Entry, SlidingWindow
-from topics.config import Config, Deployment, Price, Tenant
+from topics.config import BreakerConfig, Config, Deployment, Price, Tenant
 
 __all__ = ["DeploymentBuckets", "QuotaBook", "TenantBuckets"]
 
@@ -47,8 +50,10 @@ RATE_WINDOW_S = 10
 _FAR_FUTURE_MS = 2**62
 
 
-def _cost(price: Price, prompt_tokens: int, completion_tokens: int) -> float:
-    return (prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok) / 1e6
+def _cost(
+    price: Price, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+) -> float:
+    return cost_usd(price, prompt_tokens, completion_tokens, cached_tokens)
 
 
 @dataclass
@@ -75,6 +80,9 @@ class DeploymentBuckets:
     frozen_until: float = 0.0
     exhausted: bool = False
     upstream_429s: int = 0
+    breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker(BreakerConfig()))
+    # Exponentially weighted mean time to first token of successful calls.
+    ttft_ewma_ms: float | None = None
 
     @property
     def windows(self) -> list[SlidingWindow]:
@@ -88,6 +96,7 @@ class DeploymentBuckets:
         second_margin_s: float,
         day_bucket_s: float,
         pace_s: float = 0.0,
+        breaker: BreakerConfig | None = None,
     ) -> DeploymentBuckets:
         lim = dep.limits
         minute = MINUTE_S + margin_s
@@ -121,6 +130,7 @@ class DeploymentBuckets:
             tpm,
             (lim.rpm, lim.tpm),
             pace_s=pace_s if short else 0.0,
+            breaker=CircuitBreaker(breaker or BreakerConfig()),
         )
 
     def hidden_caps(self, elapsed_s: float) -> list[int]:
@@ -142,11 +152,15 @@ class DeploymentBuckets:
                 caps.append(cap)
         return caps
 
+    def healthy(self, now: float) -> bool:
+        """Neither exhausted nor behind an open breaker (busy or frozen is still healthy)."""
+        return not self.exhausted and self.breaker.state(now) != "open"
+
     def can_ever_fit(self, tokens: int) -> bool:
         return all(tokens <= w.limit for w in self.tokens if id(w) not in self.short)
 
     def fits(self, tokens: int, now: float) -> bool:
-        if self.exhausted or now < self.frozen_until:
+        if self.exhausted or now < self.frozen_until or not self.breaker.allows(now):
             return False
         now += self.pace_s  # the windows as they will be when the call leaves
         if self.max_concurrency is not None and self.in_flight >= self.max_concurrency:
@@ -162,7 +176,7 @@ class DeploymentBuckets:
 
     def headroom(self, now: float) -> float:
         """Smallest free share over the minute limits and concurrency (1.0 = idle)."""
-        if self.exhausted or now < self.frozen_until:
+        if self.exhausted or now < self.frozen_until or self.breaker.state(now) == "open":
             return 0.0
         shares = [1.0]
         for w in (self.rpm, self.tpm):
@@ -174,7 +188,7 @@ class DeploymentBuckets:
 
     def free_at(self, tokens: int, now: float) -> float:
         """Earliest time `tokens` could fit by time alone (concurrency and others ignored)."""
-        frozen_until = self.frozen_until + self.pace_s
+        frozen_until = max(self.frozen_until, self.breaker.open_until() or 0.0) + self.pace_s
         now += self.pace_s
         t = max(now, frozen_until)
         for w in self.requests:
@@ -195,9 +209,12 @@ class TenantBuckets:
     windows: list[tuple[SlidingWindow, bool]]  # (window, counts tokens)
     daily_tokens: int | None
     monthly_budget_usd: float | None
+    daily_budget_usd: float | None = None
     day_key: int = 0
     day_used: int = 0
     day_reserved: int = 0
+    day_used_usd: float = 0.0
+    day_reserved_usd: float = 0.0
     month_key: int = 0
     month_used_usd: float = 0.0
     month_reserved_usd: float = 0.0
@@ -217,14 +234,17 @@ class TenantBuckets:
             windows=windows,
             daily_tokens=t.daily_tokens if t else None,
             monthly_budget_usd=t.monthly_budget_usd if t else None,
+            daily_budget_usd=t.daily_budget_usd if t else None,
         )
 
     def roll(self, wall_ms: float) -> None:
         """Start a new day / month of budget when the UTC calendar says so."""
         day = int(wall_ms // (DAY_S * 1000))
         if day != self.day_key:
-            self.day_key, self.day_used = day, 0
-            self.alerts_fired = {a for a in self.alerts_fired if a[0] != "daily_tokens"}
+            self.day_key, self.day_used, self.day_used_usd = day, 0, 0.0
+            self.alerts_fired = {
+                a for a in self.alerts_fired if a[0] not in ("daily_tokens", "daily_usd")
+            }
         tm = time.gmtime(wall_ms / 1000)
         month = tm.tm_year * MONTH_KEY_DIVISOR + tm.tm_mon
         if month != self.month_key:
@@ -238,6 +258,11 @@ class TenantBuckets:
             if self.day_used + tokens > self.daily_tokens:
                 return "never"
             if self.day_used + self.day_reserved + tokens > self.daily_tokens:
+                verdict = "wait"
+        if self.daily_budget_usd is not None:
+            if self.day_used_usd + cost > self.daily_budget_usd:
+                return "never"
+            if self.day_used_usd + self.day_reserved_usd + cost > self.daily_budget_usd:
                 verdict = "wait"
         if self.monthly_budget_usd is not None:
             if self.month_used_usd + cost > self.monthly_budget_usd:
@@ -272,6 +297,8 @@ class _Lease:
     # that, reported on this call, is someone else's use of the key.
     rpm_used: int
     tpm_used: int
+    # Granted while the deployment's breaker was half-open: this call is a probe.
+    probe: bool = False
 
 
 @dataclass(order=True)
@@ -306,9 +333,11 @@ class QuotaBook:
                 q.second_margin_ms / 1000.0,
                 float(q.day_bucket_s),
                 q.quantized_pace_ms / 1000.0,
+                config.resilience.breaker,
             )
             for d in config.deployments
         }
+        self._ttft_alpha = q.ttft_ewma_alpha
         self._tenant_cfg = {t.name: t for t in config.tenants}
         self.tenants: dict[str, TenantBuckets] = {}
         self._queues: dict[tuple[int, str], list[_Waiting]] = {}
@@ -394,14 +423,18 @@ class QuotaBook:
     def queue_full(self) -> bool:
         return self._depth >= self._queue_max
 
-    def _candidates(self, ask: Ask) -> list[DeploymentBuckets]:
-        return [self.deployments[c] for c in ask.candidates if c in self.deployments]
+    def _candidates(self, ask: Ask, now: float) -> list[DeploymentBuckets]:
+        """The ask's candidates, or its fallbacks when every candidate is open or exhausted."""
+        known = [self.deployments[c] for c in ask.candidates if c in self.deployments]
+        if ask.fallback and not any(d.healthy(now) for d in known):
+            known += [self.deployments[c] for c in ask.fallback if c in self.deployments]
+        return known
 
     def _refuse_early(self, ask: Ask, now: float, wall: float) -> Refusal | None:
         """Refusals that waiting cannot change, decided before the ask queues."""
         if ask.deadline_ms is not None and ask.deadline_ms <= wall:
             return Refusal(ask.ticket, "deadline_exceeded", "deadline passed before admission")
-        known = self._candidates(ask)
+        known = self._candidates(ask, now)
         if not known:
             return Refusal(ask.ticket, "internal", f"no known deployment in {list(ask.candidates)}")
         live = [d for d in known if not d.exhausted]
@@ -459,6 +492,11 @@ class QuotaBook:
                 f"tenant {t.name!r} daily token budget: used {t.day_used} of "
                 f"{t.daily_tokens}, this request needs up to {tokens}"
             )
+        if t.daily_budget_usd is not None and t.day_used_usd + cost > t.daily_budget_usd:
+            return (
+                f"tenant {t.name!r} daily budget: spent ${t.day_used_usd:.4f} of "
+                f"${t.daily_budget_usd} today (UTC), this request may cost up to ${cost:.4f}"
+            )
         return (
             f"tenant {t.name!r} monthly budget: spent ${t.month_used_usd:.4f} of "
             f"${t.monthly_budget_usd}, this request may cost up to ${cost:.4f}"
@@ -472,7 +510,7 @@ class QuotaBook:
         tenant.roll(wall)
         if not tenant.fits(ask.tokens, now):
             return None
-        for dep in self._candidates(ask):
+        for dep in self._candidates(ask, now):
             if dep.name in blocked or not dep.can_ever_fit(ask.tokens):
                 continue
             if not dep.fits(ask.tokens, now):
@@ -508,8 +546,11 @@ class QuotaBook:
             if is_tokens:
                 entries.append((w, e))
         tenant.day_reserved += ask.tokens
+        tenant.day_reserved_usd += cost
         tenant.month_reserved_usd += cost
         dep.in_flight += 1
+        probe = dep.breaker.state(now) == "half_open"
+        dep.breaker.started(now)
         lease = next(self._lease_ids)
         recorded_ms = self._wall_ms() + pace * 1000.0
         self._leases[lease] = _Lease(
@@ -522,6 +563,7 @@ class QuotaBook:
             reserved_cost=cost,
             rpm_used=dep.rpm.used(now) if dep.rpm else 0,
             tpm_used=dep.tpm.used(now) if dep.tpm else 0,
+            probe=probe,
         )
         self.grants_total += 1
         second = int(now)
@@ -604,6 +646,34 @@ class QuotaBook:
             )
         return out
 
+    def cancel(self, owner: str, tickets: Iterable[int]) -> int:
+        """Withdraw `owner`'s asks for `tickets`: waiting ones leave the queue, grants made
+        but not yet taken are given back unused. Returns how many were withdrawn."""
+        drop = {(owner, t) for t in tickets}
+        withdrawn = 0
+        for key, queue in self._queues.items():
+            kept = [w for w in queue if (w.ask.owner, w.ask.ticket) not in drop]
+            if len(kept) == len(queue):
+                continue
+            for w in queue:
+                if (w.ask.owner, w.ask.ticket) in drop:
+                    w.done = True  # its deadline entry is skipped from now on
+            withdrawn += len(queue) - len(kept)
+            self._depth -= len(queue) - len(kept)
+            heapq.heapify(kept)
+            self._queues[key] = kept
+        self._queued -= drop
+        ready = self._ready.get(owner, [])
+        gone = [d for d in ready if (owner, d.ticket) in drop]
+        if gone:
+            self._ready[owner] = [d for d in ready if (owner, d.ticket) not in drop]
+            self.settle(
+                Settlement(g.lease, 0, deployment=g.deployment, outcome="unused")
+                for g in gone
+                if isinstance(g, Grant)
+            )
+        return withdrawn + len(gone)
+
     def take(self, owner: str) -> list[Admitted]:
         """Decisions for `owner`'s queued asks made since the last call."""
         return self._ready.pop(owner, [])
@@ -619,7 +689,7 @@ class QuotaBook:
                 continue
             ask = queue[0].ask
             tenant_at = self.tenant(ask.tenant).free_at(ask.tokens, now)
-            for dep in self._candidates(ask):
+            for dep in self._candidates(ask, now):
                 if dep.exhausted or not dep.can_ever_fit(ask.tokens):
                     continue
                 at = max(dep.free_at(ask.tokens, now), tenant_at)
@@ -658,9 +728,11 @@ class QuotaBook:
                     t.roll(wall)
                     t.day_used += s.used_tokens
                     if dep_old is not None:
-                        t.month_used_usd += _cost(
-                            dep_old.price, s.prompt_tokens, s.completion_tokens
+                        spent = _cost(
+                            dep_old.price, s.prompt_tokens, s.completion_tokens, s.cached_tokens
                         )
+                        t.month_used_usd += spent
+                        t.day_used_usd += spent
                     touched.add(t.name)
                 continue
             dep, tenant = lease.deployment, lease.tenant
@@ -671,13 +743,32 @@ class QuotaBook:
             tenant.roll(wall)
             tenant.day_reserved = max(0, tenant.day_reserved - lease.reserved_tokens)
             tenant.month_reserved_usd = max(0.0, tenant.month_reserved_usd - lease.reserved_cost)
+            tenant.day_reserved_usd = max(0.0, tenant.day_reserved_usd - lease.reserved_cost)
             tenant.day_used += s.used_tokens
-            tenant.month_used_usd += _cost(dep.price, s.prompt_tokens, s.completion_tokens)
+            spent = _cost(dep.price, s.prompt_tokens, s.completion_tokens, s.cached_tokens)
+            tenant.month_used_usd += spent
+            tenant.day_used_usd += spent
             touched.add(tenant.name)
             self._check_alerts(tenant, wall)
+            self._judge(lease, s, now)
             if s.observed is not None:
                 self._observe(lease, s.observed, now)
         return touched
+
+    def _judge(self, lease: _Lease, s: Settlement, now: float) -> None:
+        """Feed the deployment's breaker and latency estimate with one call's outcome."""
+        dep = lease.deployment
+        if s.outcome not in ("ok", "failed"):
+            dep.breaker.release(now, probe=lease.probe)
+            return
+        before = dep.breaker.state(now)
+        after = dep.breaker.record(s.outcome == "failed", now, probe=lease.probe)
+        if after != before:
+            self.events.append({"event": f"breaker_{after}", "deployment": dep.name})
+        if s.outcome == "ok" and s.ttft_ms is not None:
+            a = self._ttft_alpha
+            prev = dep.ttft_ewma_ms
+            dep.ttft_ewma_ms = s.ttft_ms if prev is None else a * s.ttft_ms + (1 - a) * prev
 
     def sent_late(self, reports: Iterable[tuple[int, float]]) -> None:
         """(lease, wall ms it was really sent): move its entries to that time."""
@@ -728,6 +819,7 @@ class QuotaBook:
     def _check_alerts(self, t: TenantBuckets, wall: float) -> None:
         checks: list[tuple[str, float, float | None]] = [
             ("daily_tokens", float(t.day_used), float(t.daily_tokens) if t.daily_tokens else None),
+            ("daily_usd", t.day_used_usd, t.daily_budget_usd),
             ("monthly_usd", t.month_used_usd, t.monthly_budget_usd),
         ]
         for budget, used, limit in checks:
@@ -778,6 +870,7 @@ class QuotaBook:
                 "used": [w.used(now) for w, _ in t.windows],
                 "day_key": t.day_key,
                 "day_used": t.day_used + t.day_reserved,
+                "day_used_usd": t.day_used_usd + t.day_reserved_usd,
                 "month_key": t.month_key,
                 "month_used_usd": t.month_used_usd + t.month_reserved_usd,
                 "alerts": sorted([list(a) for a in t.alerts_fired]),
@@ -807,6 +900,7 @@ class QuotaBook:
                 t.roll(wall)
                 if rec.get("day_key") == t.day_key:
                     t.day_used = int(rec.get("day_used", 0))
+                    t.day_used_usd = float(rec.get("day_used_usd", 0.0))
                 if rec.get("month_key") == t.month_key:
                     t.month_used_usd = float(rec.get("month_used_usd", 0.0))
                 t.alerts_fired = {(str(a[0]), float(a[1])) for a in rec.get("alerts", [])}
@@ -834,6 +928,19 @@ class QuotaBook:
         now = self._clock()
         return {name: d.headroom(now) for name, d in self.deployments.items()}
 
+    def routing_state(self) -> dict[str, DeploymentState]:
+        now = self._clock()
+        return {
+            name: DeploymentState(
+                headroom=d.headroom(now),
+                breaker=d.breaker.state(now),
+                ttft_ewma_ms=None if d.ttft_ewma_ms is None else round(d.ttft_ewma_ms, 3),
+                frozen=now < d.frozen_until,
+                exhausted=d.exhausted,
+            )
+            for name, d in self.deployments.items()
+        }
+
     def snapshot(self) -> dict[str, Any]:
         now = self._clock()
         deps: dict[str, Any] = {}
@@ -852,6 +959,8 @@ class QuotaBook:
             buckets["frozen_s"] = round(max(0.0, d.frozen_until - now), 3)
             buckets["exhausted"] = d.exhausted
             buckets["upstream_429s"] = d.upstream_429s
+            buckets["breaker"] = d.breaker.snapshot(now)
+            buckets["ttft_ewma_ms"] = None if d.ttft_ewma_ms is None else round(d.ttft_ewma_ms, 3)
             deps[name] = buckets
         queue: dict[str, dict[str, int]] = {}
         for (prio, tenant), q in self._queues.items():
@@ -861,6 +970,8 @@ class QuotaBook:
             name: {
                 "day_used_tokens": t.day_used,
                 "daily_tokens": t.daily_tokens,
+                "day_used_usd": round(t.day_used_usd, 6),
+                "daily_budget_usd": t.daily_budget_usd,
                 "month_used_usd": round(t.month_used_usd, 6),
                 "monthly_budget_usd": t.monthly_budget_usd,
                 "weight": t.weight,

@@ -12,7 +12,8 @@ import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
-from topics.config import Price
+from actors._kafka import send_retrying
+from topics.config import KafkaConfig, Price
 from topics.errors import ErrorCode
 from topics.specs import REPLY_ENCODER, USAGE_ENCODER
 from topics.wire import (
@@ -38,19 +39,33 @@ class Producer(Protocol):
     ) -> Awaitable[Any]: ...
 
 
-def cost_usd(price: Price, prompt_tokens: int, completion_tokens: int) -> float:
-    return (prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok) / 1e6
+def cost_usd(
+    price: Price, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+) -> float:
+    """USD of one call; prompt tokens the provider served from its prompt cache
+    (`usage.prompt_tokens_details.cached_tokens`) at `cached_input_per_mtok` where set."""
+    cached = min(max(0, cached_tokens), prompt_tokens)
+    cached_rate = (
+        price.input_per_mtok if price.cached_input_per_mtok is None else price.cached_input_per_mtok
+    )
+    return (
+        (prompt_tokens - cached) * price.input_per_mtok
+        + cached * cached_rate
+        + completion_tokens * price.output_per_mtok
+    ) / 1e6
 
 
 class ReplyStream:
     """The replies of one request, in order, with strictly increasing `seq`."""
 
     __slots__ = (
+        "_kafka",
         "_key",
         "_pending",
         "_producer",
         "_seq",
         "_usage_topic",
+        "recorded",
         "request_id",
         "sent_chunks",
         "tenant",
@@ -66,6 +81,8 @@ class ReplyStream:
         request_id: str,
         tenant: str,
         start_seq: int = 0,
+        record: bool = False,
+        kafka: KafkaConfig | None = None,
     ) -> None:
         self._producer = producer
         self.topic = topic
@@ -76,6 +93,10 @@ class ReplyStream:
         self._seq = start_seq
         self._pending: list[Awaitable[Any]] = []
         self.sent_chunks = 0
+        # With `record`, every reply value sent, in order (what an idempotent replay resends).
+        self.recorded: list[bytes] | None = [] if record else None
+        # With the Kafka settings, sends are retried through a broker restart.
+        self._kafka = kafka
 
     @property
     def seq(self) -> int:
@@ -87,7 +108,14 @@ class ReplyStream:
         return s
 
     async def _send(self, value: bytes) -> None:
-        self._pending.append(await self._producer.send(self.topic, value=value, key=self._key))
+        if self.recorded is not None:
+            self.recorded.append(value)
+        self._pending.append(await self._enqueue(self.topic, value))
+
+    async def _enqueue(self, topic: str, value: bytes) -> Awaitable[Any]:
+        if self._kafka is None:
+            return await self._producer.send(topic, value=value, key=self._key)
+        return await send_retrying(self._producer, self._kafka, topic, value=value, key=self._key)
 
     async def chunk(self, chunk: dict[str, Any]) -> None:
         await self._send(
@@ -207,11 +235,7 @@ class ReplyStream:
             status=status,
             ts_ms=int(time.time() * 1000),
         )
-        self._pending.append(
-            await self._producer.send(
-                self._usage_topic, value=USAGE_ENCODER.encode(record), key=self._key
-            )
-        )
+        self._pending.append(await self._enqueue(self._usage_topic, USAGE_ENCODER.encode(record)))
 
     async def flush(self) -> None:
         """Wait until Kafka acknowledged every reply sent so far (raises on failure)."""

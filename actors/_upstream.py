@@ -22,6 +22,7 @@ import structlog
 
 from actors._messages import Job, Observation
 from actors._replies import ReplyStream, cost_usd
+from actors._retry import retry_delay_ms, retryable_status
 from topics.config import Config, Deployment, resolve_secret
 from topics.errors import ErrorCode
 from topics.wire import Timing
@@ -50,19 +51,54 @@ class Outcome:
     upstream_model: str = ""
     upstream_calls: int = 1
     observed: Observation | None = None
+    # Prompt tokens the provider served from its prompt cache.
+    cached_tokens: int = 0
+    # For the deployment's breaker (see Settlement.outcome).
+    breaker: str = "ok"
+    # Upstream time to first token (from sending the call), for the latency estimate.
+    upstream_ttft_ms: float | None = None
+    # status "retry": wait this long, then route and ask quota again.
+    retry_after_ms: int = 0
+    # A terminal error that a resend may fix (not kept for idempotent replay).
+    retryable: bool = False
 
 
 class _Failure(Exception):
-    """An upstream failure already mapped to a contract error code."""
+    """An upstream failure already mapped to a contract error code.
+
+    `breaker` says how it counts for the deployment's breaker; `retryable` whether the
+    same request can succeed when tried again.
+    """
 
     def __init__(
-        self, code: ErrorCode, message: str, *, retryable: bool, retry_after_ms: int | None = None
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        retryable: bool,
+        retry_after_ms: int | None = None,
+        breaker: str = "failed",
     ) -> None:
         super().__init__(message)
         self.code: ErrorCode = code
         self.message = message
         self.retryable = retryable
         self.retry_after_ms = retry_after_ms
+        self.breaker = breaker
+
+
+def _cached_tokens(usage: dict[str, Any]) -> int:
+    """`usage.prompt_tokens_details.cached_tokens` (OpenAI's prompt cache), 0 if absent."""
+    details = usage.get("prompt_tokens_details")
+    if not isinstance(details, dict):
+        return 0
+    value = details.get("cached_tokens")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _seconds_until(deadline_ms: int | None) -> float | None:
+    """Seconds from now to an epoch-ms deadline (None: no deadline)."""
+    return None if deadline_ms is None else max(0.0, deadline_ms / 1000.0 - time.time())
 
 
 def _retry_after_ms(headers: httpx.Headers) -> int | None:
@@ -129,7 +165,10 @@ def _map_status_error(exc: openai.APIStatusError, dep: Deployment) -> _Failure:
     where = f"deployment {dep.name!r} answered HTTP {status}"
     if status == 429 and "insufficient_quota" in (etype, str(err.get("code"))):
         return _Failure(
-            "upstream_unavailable", f"{where} (insufficient_quota): {upstream_msg}", retryable=False
+            "upstream_unavailable",
+            f"{where} (insufficient_quota): {upstream_msg}",
+            retryable=False,
+            breaker="exhausted",
         )
     if status == 429:
         return _Failure(
@@ -137,19 +176,30 @@ def _map_status_error(exc: openai.APIStatusError, dep: Deployment) -> _Failure:
             f"{where} (rate limited): {upstream_msg}",
             retryable=True,
             retry_after_ms=_retry_after_ms(exc.response.headers),
+            breaker="rate_limited",
         )
     if status in (400, 404, 413, 422):
-        return _Failure("invalid_request", f"{where}: {upstream_msg}", retryable=False)
+        return _Failure(
+            "invalid_request", f"{where}: {upstream_msg}", retryable=False, breaker="client_error"
+        )
     if status in (401, 403):
-        # Say which credential failed, never what it is.
+        # Say which credential failed, never what it is. The request is not at fault, the
+        # deployment is: it counts against the breaker, so traffic moves to a fallback.
         return _Failure(
             "upstream_error",
             f"{where}: the credential in ${dep.api_key_env} was refused",
             retryable=False,
         )
-    if status in (408, 409) or status >= 500:
-        return _Failure("upstream_unavailable", f"{where}: {upstream_msg}", retryable=True)
-    return _Failure("upstream_error", f"{where}: {upstream_msg}", retryable=False)
+    if retryable_status(status):
+        return _Failure(
+            "upstream_unavailable",
+            f"{where}: {upstream_msg}",
+            retryable=True,
+            retry_after_ms=_retry_after_ms(exc.response.headers),
+        )
+    return _Failure(
+        "upstream_error", f"{where}: {upstream_msg}", retryable=False, breaker="client_error"
+    )
 
 
 class Upstream:
@@ -161,7 +211,7 @@ class Upstream:
         self._on_send = on_send
         self._deployments = {d.name: d for d in config.deployments}
         self._clients: dict[str, openai.AsyncOpenAI] = {}
-        self._max_requeues = config.quota.max_requeues
+        self._retry = config.resilience.retry
 
     def client(self, dep: Deployment) -> openai.AsyncOpenAI:
         c = self._clients.get(dep.name)
@@ -214,44 +264,103 @@ class Upstream:
         self._clients.clear()
 
     async def run(self, job: Job, out: ReplyStream) -> Outcome:
-        """Call upstream for `job`, writing every reply (terminal included) to `out`."""
+        """Call upstream for `job`, writing its replies to `out`.
+
+        Ends with a terminal reply, or with status "retry" and none: the failure can
+        succeed on another attempt, the attempt budget and the deadline allow one, so
+        the ingress routes and queues the request again (a `reset` is sent first when
+        this attempt's chunks reached the reply topic).
+        """
         dep = self._deployments[job.grant.deployment]
         body = job.request.request
         stream = bool(body.get("stream"))
         outcome = Outcome(status="done", deployment=dep.name)
+        deadline = job.request.deadline_ms
+        if deadline is not None and time.time() * 1000.0 >= deadline:
+            outcome.breaker = "unused"
+            outcome.upstream_calls = 0
+            return await self._fail(
+                job,
+                out,
+                outcome,
+                _Failure(
+                    "deadline_exceeded",
+                    f"deadline_ms {deadline} passed before the upstream call",
+                    retryable=False,
+                    breaker="unused",
+                ),
+            )
         try:
-            if stream:
-                await self._stream(job, dep, body, out, outcome)
-            else:
-                await self._complete(job, dep, body, out, outcome)
+            async with asyncio.timeout(_seconds_until(deadline)):
+                if stream:
+                    await self._stream(job, dep, body, out, outcome)
+                else:
+                    await self._complete(job, dep, body, out, outcome)
+        except TimeoutError:
+            # The deadline passed mid-call: leaving the SDK's context closed the connection,
+            # which cancels the upstream generation.
+            failure = _Failure(
+                "deadline_exceeded",
+                f"deadline_ms {deadline} passed during the upstream call to {dep.name!r}",
+                retryable=False,
+                breaker="ok" if out.sent_chunks else "unused",
+            )
+            return await self._fail(job, out, outcome, failure)
         except _Failure as f:
-            return await self._fail(job, out, outcome, f)
+            return await self._retry_or_fail(job, out, outcome, f)
         except openai.APIStatusError as exc:
             failure = _map_status_error(exc, dep)
             refused = None
             if exc.status_code == 429:
                 refused = "rate_limited" if failure.retryable else "exhausted"
-            outcome.observed = observe(exc.response.headers, refused=refused)
-            if (
-                refused == "rate_limited"
-                and not out.sent_chunks
-                and job.attempt <= self._max_requeues
-            ):
                 # Our windows should have prevented this; the book freezes the deployment
-                # and counts it, and the request waits for quota again instead of failing.
+                # and counts it.
                 log.warning("upstream_429", request_id=job.request.id, deployment=dep.name)
-                # A 429 before any chunk is not the request's fault: it waits for quota again.
-                outcome.status = "requeue"
-                return outcome
-            return await self._fail(job, out, outcome, failure)
+            outcome.observed = observe(exc.response.headers, refused=refused)
+            return await self._retry_or_fail(job, out, outcome, failure)
         except (openai.APIConnectionError, httpx.TransportError) as exc:
             lost = _Failure(
                 "upstream_unavailable",
                 f"deployment {dep.name!r}: {type(exc).__name__} talking to upstream",
                 retryable=True,
             )
-            return await self._fail(job, out, outcome, lost)
+            return await self._retry_or_fail(job, out, outcome, lost)
         return outcome
+
+    async def _retry_or_fail(self, job: Job, out: ReplyStream, o: Outcome, f: _Failure) -> Outcome:
+        """Retry when it can help and is allowed, else the terminal error."""
+        o.breaker = f.breaker
+        delay: int | None = None
+        if f.retryable:
+            # A 429's retry-after is the deployment's freeze in the quota book, not a
+            # wait for this request, which may go elsewhere at once.
+            wait = None if f.breaker == "rate_limited" else f.retry_after_ms
+            delay = retry_delay_ms(job.attempt, self._retry, retry_after_ms=wait)
+            deadline = job.request.deadline_ms
+            if (
+                delay is not None
+                and deadline is not None
+                and time.time() * 1000.0 + delay >= deadline
+            ):
+                delay = None
+        if delay is None:
+            return await self._fail(job, out, o, f)
+        log.info(
+            "upstream_retry",
+            request_id=job.request.id,
+            tenant=job.request.tenant,
+            deployment=o.deployment,
+            attempt=job.attempt,
+            code=f.code,
+            error=f.message,
+            retry_in_ms=delay,
+        )
+        if out.sent_chunks:
+            await out.reset(f"upstream failed mid-stream ({f.code}); retrying")
+        await out.flush()
+        o.status = "retry"
+        o.retry_after_ms = delay
+        return o
 
     def _kwargs(
         self, job: Job, dep: Deployment, body: dict[str, Any], stream: bool
@@ -277,6 +386,7 @@ class Upstream:
         first_ms: float | None = None
         parts: list[str] = []
         api = self.client(dep).chat.completions.with_streaming_response
+        called_ms = time.time() * 1000.0
         async with api.create(**self._kwargs(job, dep, body, True)) as resp:
             o.observed = observe(resp.headers)
             async for line in resp.iter_lines():
@@ -298,6 +408,7 @@ class Upstream:
                 usage = chunk.get("usage")
                 if isinstance(usage, dict):
                     o.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    o.cached_tokens = _cached_tokens(usage)
                     o.completion_tokens = int(usage.get("completion_tokens") or 0)
                 choices = chunk.get("choices") or []
                 if choices:
@@ -311,6 +422,7 @@ class Upstream:
                     continue
                 if first_ms is None:
                     first_ms = time.time() * 1000.0
+                    o.upstream_ttft_ms = first_ms - called_ms
                 await out.chunk(chunk)
         if o.finish_reason is None:
             raise _Failure(
@@ -325,6 +437,7 @@ class Upstream:
         self, job: Job, dep: Deployment, body: dict[str, Any], out: ReplyStream, o: Outcome
     ) -> None:
         api = self.client(dep).chat.completions.with_streaming_response
+        called_ms = time.time() * 1000.0
         async with api.create(**self._kwargs(job, dep, body, False)) as resp:
             o.observed = observe(resp.headers)
             raw = await resp.read()
@@ -335,6 +448,7 @@ class Upstream:
             )
         usage = completion.get("usage") or {}
         o.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        o.cached_tokens = _cached_tokens(usage)
         o.completion_tokens = int(usage.get("completion_tokens") or 0)
         o.upstream_model = str(completion.get("model") or "")
         choices = completion.get("choices") or []
@@ -342,6 +456,7 @@ class Upstream:
             o.finish_reason = choices[0].get("finish_reason")
             o.text = str((choices[0].get("message") or {}).get("content") or "")
         first_ms = time.time() * 1000.0
+        o.upstream_ttft_ms = first_ms - called_ms
         await out.completion(completion)
         await self._done(job, dep, out, o, first_ms)
 
@@ -356,7 +471,7 @@ class Upstream:
             model=job.model,
             deployment=dep.name,
             attempts=job.attempt,
-            cost=cost_usd(dep.price, o.prompt_tokens, o.completion_tokens),
+            cost=cost_usd(dep.price, o.prompt_tokens, o.completion_tokens, o.cached_tokens),
             timing=Timing(
                 queued_ms=round(job.grant.queued_ms, 3),
                 ttft_ms=None if first_ms is None else round(first_ms - job.received_ms, 3),
@@ -366,6 +481,8 @@ class Upstream:
         )
 
     async def _fail(self, job: Job, out: ReplyStream, o: Outcome, f: _Failure) -> Outcome:
+        o.breaker = f.breaker
+        o.retryable = f.retryable
         log.warning(
             "upstream_failed",
             request_id=job.request.id,

@@ -63,6 +63,7 @@ class CacheShard:
                 usage_topic=self._config.topics.usage,
                 request_id=item.request.id,
                 tenant=item.request.tenant,
+                kafka=self._config.kafka,
             )
             await replay(entry, item.request, out, received_ms=item.received_ms)
         return [item.ticket for item, _ in hits]

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
 import time
+import uuid
 from typing import Any
 
 import ray
 import structlog
 
+from actors._idempotency import IdemRecord
 from actors._kafka import make_producer
 from actors._messages import CacheEntry, Finished, Job, Settlement
 from actors._ray import actor_by_name, named_actor
 from actors._replies import ReplyStream
 from actors._upstream import Outcome, Upstream
 from actors.cache import cache_actor_name, shard_of
+from actors.idempotency import idempotency_actor_name, idempotency_shard_of
 from actors.quota import QUOTA_ACTOR_NAME
 from topics.config import Config
 from topics.logs import configure_logging
@@ -37,15 +42,28 @@ class Caller:
         configure_logging(config.logging)  # each actor is a process of its own
         self._config = config
         self.index = index
+        # A new value per incarnation: an ingress that sees it change knows that the jobs
+        # it had handed to this caller died with the previous one.
+        self.incarnation = uuid.uuid4().hex
         # Resolved by name on first use, so a restarted caller needs no handles.
         self._quota: Any = None
         self._caches: list[Any] | None = None
+        self._idem: list[Any] | None = None
+        self._idem_cfg = config.resilience.idempotency
         self._upstream = Upstream(config, on_send=self._request_sent)
         # Paced calls in flight, by request id: (lease, not_before_ms).
         self._paced: dict[str, tuple[int, float]] = {}
         self._producer: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Running jobs by owner and ticket, so that a draining ingress can abort its own.
+        self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._aborting: set[str] = set()
         self._finished: dict[str, list[Finished]] = {}
+        # Finished tickets whose idempotency records are not yet stored: released by the
+        # flush that stores them, so that a resend after the offset commit is replayed.
+        self._held: list[tuple[str, Finished]] = []
+        self._idem_puts: list[IdemRecord] = []
+        self._idem_ends: list[str] = []
         self._finished_ev: dict[str, asyncio.Event] = {}
         self._settle: list[Settlement] = []
         self._puts: list[CacheEntry] = []
@@ -56,14 +74,17 @@ class Caller:
         self._flush_now = asyncio.Event()
         self.calls = 0
 
-    def _peers(self) -> tuple[Any, list[Any]]:
+    def _peers(self) -> tuple[Any, list[Any], list[Any]]:
         if self._quota is None:
             self._quota = actor_by_name(self._config, QUOTA_ACTOR_NAME)
         if self._caches is None:
             cfg = self._config.cache
             n = cfg.shards if cfg.enabled else 0
             self._caches = [actor_by_name(self._config, cache_actor_name(i)) for i in range(n)]
-        return self._quota, self._caches
+        if self._idem is None:
+            n = self._idem_cfg.shards if self._idem_cfg.enabled else 0
+            self._idem = [actor_by_name(self._config, idempotency_actor_name(i)) for i in range(n)]
+        return self._quota, self._caches, self._idem
 
     async def _start(self) -> None:
         if self._producer is None:
@@ -71,19 +92,32 @@ class Caller:
         if self._flush_task is None or self._flush_task.done():
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_loop())
 
-    async def warm(self) -> None:
+    async def warm(self) -> str:
         """Start the producer, flusher and SDK clients now: the first request pays no start-up
-        (creating a client takes long enough to disturb the pacing of the first calls)."""
+        (creating a client takes long enough to disturb the pacing of the first calls).
+
+        Returns this incarnation's id."""
         await self._start()
         await self._upstream.warm(connect=self._config.gateway.warm_connections)
+        return self.incarnation
+
+    async def whoami(self) -> str:
+        """This incarnation's id (cheap: no start-up)."""
+        return self.incarnation
 
     async def submit(self, owner: str, jobs: list[Job]) -> None:
         """Start `jobs`; returns at once. Their tickets come back through `finished`."""
         await self._start()
         for job in jobs:
             task = asyncio.get_running_loop().create_task(self._run(owner, job))
+            key = (owner, job.ticket)
             self._tasks.add(task)
+            self._running[key] = task
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(self._job_done, key))
+
+    def _job_done(self, key: tuple[str, int], _task: asyncio.Task[None]) -> None:
+        self._running.pop(key, None)
 
     async def _run(self, owner: str, job: Job) -> None:
         req = job.request
@@ -93,6 +127,9 @@ class Caller:
             usage_topic=self._config.topics.usage,
             request_id=req.id,
             tenant=req.tenant,
+            start_seq=job.start_seq,
+            record=self._idem_cfg.enabled,
+            kafka=self._config.kafka,
         )
         bound = log.bind(request_id=req.id, tenant=req.tenant, deployment=job.grant.deployment)
         if job.grant.not_before_ms is not None:
@@ -103,12 +140,21 @@ class Caller:
         self.calls += 1
         try:
             try:
+                if job.reset_first:
+                    await out.reset("the request runs again after a gateway restart")
                 outcome = await self._upstream.run(job, out)
             finally:
                 self._paced.pop(req.id, None)  # the send hook did not fire: nothing left
+        except asyncio.CancelledError:
+            if owner not in self._aborting:
+                raise
+            aborted = await self._aborted(job, out, bound)
+            if aborted is None:
+                return
+            outcome = aborted
         except Exception as exc:  # noqa: BLE001 - any bug must still end the request with a reply
             bound.exception("caller_crashed")
-            outcome = Outcome(status="internal", deployment=job.grant.deployment)
+            outcome = Outcome(status="internal", deployment=job.grant.deployment, retryable=True)
             try:
                 await out.error("internal", f"gateway error: {type(exc).__name__}", retryable=True)
             except Exception:  # noqa: BLE001 - Kafka is down too; the offset stays uncommitted
@@ -129,6 +175,9 @@ class Caller:
                 observed=outcome.observed,
                 deployment=job.grant.deployment,
                 tenant=req.tenant,
+                outcome=outcome.breaker,
+                ttft_ms=outcome.upstream_ttft_ms,
+                cached_tokens=outcome.cached_tokens,
             )
         )
         if outcome.status == "done" and job.cache_key is not None:
@@ -147,12 +196,66 @@ class Caller:
         bound.info(
             "request_finished", status=outcome.status, completion_tokens=outcome.completion_tokens
         )
-        self._finished.setdefault(owner, []).append(
-            Finished(job.ticket, outcome.status, upstream_calls=outcome.upstream_calls)
+        finished = Finished(
+            job.ticket,
+            outcome.status,
+            upstream_calls=outcome.upstream_calls,
+            next_seq=out.seq,
+            retry_after_ms=outcome.retry_after_ms,
+            deployment=job.grant.deployment,
+            sent_chunks=out.seq > job.start_seq,
         )
+        if outcome.status == "retry" or out.recorded is None:
+            self._release(owner, finished)
+            return
+        if outcome.retryable:
+            self._idem_ends.append(req.id)  # a resend may succeed: run it again, not replay
+        else:
+            self._idem_puts.append(
+                IdemRecord(request_id=req.id, replies=out.recorded, finished_ms=time.time() * 1e3)
+            )
+        self._held.append((owner, finished))
+
+    def _release(self, owner: str, finished: Finished) -> None:
+        self._finished.setdefault(owner, []).append(finished)
         ev = self._finished_ev.get(owner)
         if ev is not None:
             ev.set()
+
+    async def _aborted(self, job: Job, out: ReplyStream, bound: Any) -> Outcome | None:
+        """The ingress is shutting down past its drain timeout: end this job with an error."""
+        bound.warning("request_aborted_at_shutdown")
+        try:
+            if out.sent_chunks:
+                await out.reset("the gateway shut down mid-stream")
+            await out.error(
+                "upstream_unavailable",
+                "the gateway shut down before the upstream call finished; send it again",
+                retryable=True,
+                metadata=job.request.metadata,
+                model=job.model,
+                deployment=job.grant.deployment,
+            )
+        except Exception:  # noqa: BLE001 - Kafka is down too; the offset stays uncommitted
+            bound.exception("terminal_reply_failed")
+            return None
+        return Outcome(
+            status="upstream_unavailable",
+            deployment=job.grant.deployment,
+            breaker="unused",
+            retryable=True,
+        )
+
+    async def abort(self, owner: str) -> int:
+        """End `owner`'s running jobs now with an error reply (shutdown past its drain)."""
+        self._aborting.add(owner)
+        tasks = [t for (o, _), t in self._running.items() if o == owner]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        await self._flush()
+        return len(tasks)
 
     def _request_sent(self, request_id: str) -> None:
         """The HTTP request of a paced call is leaving now: report it if it is late."""
@@ -192,10 +295,17 @@ class Caller:
         settle, self._settle = self._settle, []
         puts, self._puts = self._puts, []
         late, self._late = self._late, []
+        held, self._held = self._held, []
+        idem_puts, self._idem_puts = self._idem_puts, []
+        idem_ends, self._idem_ends = self._idem_ends, []
+        if held:
+            await self._store_results(idem_puts, idem_ends)
+            for owner, finished in held:
+                self._release(owner, finished)
         if not settle and not puts and not late:
             return
         try:
-            quota, caches = self._peers()
+            quota, caches, _ = self._peers()
             calls = []
             if late:
                 calls.append(quota.sent_late.remote(late))
@@ -212,8 +322,35 @@ class Caller:
             # reservation until its window entry expires: conservative, never over.
             log.warning("flush_failed", settlements=len(settle), cache_puts=len(puts))
 
+    async def _store_results(self, puts: list[IdemRecord], ends: list[str]) -> None:
+        """Results to the idempotency store, durable before their tickets count as finished."""
+        try:
+            _, _, shards = self._peers()
+            if not shards:
+                return
+            calls: list[Any] = []
+            by_shard: dict[int, list[IdemRecord]] = {}
+            for r in puts:
+                by_shard.setdefault(idempotency_shard_of(r.request_id, len(shards)), []).append(r)
+            calls.extend(shards[i].put_many.remote(batch) for i, batch in by_shard.items())
+            ends_by: dict[int, list[str]] = {}
+            for rid in ends:
+                ends_by.setdefault(idempotency_shard_of(rid, len(shards)), []).append(rid)
+            calls.extend(shards[i].end_many.remote(batch) for i, batch in ends_by.items())
+            await asyncio.gather(*calls)
+        except (ray.exceptions.RayActorError, ValueError):
+            # The store is restarting: these results cannot be replayed to a resend, which
+            # then runs again. Their answers are on the reply topic all the same.
+            log.warning("idempotency_store_failed", results=len(puts), ended=len(ends))
+
     async def stats(self) -> dict[str, Any]:
-        return {"caller": self.index, "in_flight": len(self._tasks), "calls": self.calls}
+        return {
+            "caller": self.index,
+            "in_flight": len(self._tasks),
+            "calls": self.calls,
+            "incarnation": self.incarnation,
+            "pid": os.getpid(),
+        }
 
     async def drain(self, timeout_s: float) -> int:
         """Wait for running jobs (up to `timeout_s`), flush, and return how many still run."""

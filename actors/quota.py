@@ -19,7 +19,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from actors._kafka import make_producer
-from actors._messages import Admitted, Ask, Decision, Settlement
+from actors._messages import Admitted, Ask, Decision, DeploymentState, Settlement
 from actors._quota_book import QuotaBook
 from actors._ray import named_actor
 from topics.config import Config
@@ -193,6 +193,13 @@ class QuotaService:
             await self._publish(events)
         self._wake.set()
 
+    async def cancel(self, owner: str, tickets: list[int]) -> int:
+        """A draining ingress withdraws asks it is answering itself; see `QuotaBook.cancel`."""
+        await self._ensure_started()
+        n = self.book.cancel(owner, tickets)
+        self._wake.set()
+        return n
+
     async def sent_late(self, reports: list[tuple[int, float]]) -> None:
         """Callers report paced calls that went out late; see `QuotaBook.sent_late`."""
         await self._ensure_started()
@@ -206,6 +213,10 @@ class QuotaService:
 
     async def headroom(self) -> dict[str, float]:
         return self.book.headroom()
+
+    async def routing_state(self) -> dict[str, DeploymentState]:
+        """Per deployment: headroom, breaker state, TTFT EWMA (for the selectors)."""
+        return self.book.routing_state()
 
     async def snapshot(self) -> dict[str, Any]:
         await self._ensure_started()

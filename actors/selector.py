@@ -1,6 +1,8 @@
-"""Model-selector actors: a thin Ray shell around `Router`, refreshing headroom in the background.
+"""Model-selector actors: a thin Ray shell around `Router`, refreshing deployment state in the
+background.
 
-Headroom comes from the quota actor once per `headroom_refresh_ms`, not once per request.
+Headroom, breaker state and latency come from the quota actor once per
+`headroom_refresh_ms`, not once per request.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class Selector:
             with contextlib.suppress(ray.exceptions.RayActorError, ValueError):
                 if self._quota is None:
                     self._quota = actor_by_name(self._config, QUOTA_ACTOR_NAME)
-                self.router.update_headroom(await self._quota.headroom.remote())
+                self.router.update_state(await self._quota.routing_state.remote())
             await asyncio.sleep(self._refresh_s)
 
     async def warm(self) -> None:

@@ -1,7 +1,7 @@
 """Run the benchmark suite: `make bench` or `.venv/bin/python -m benchmarks [--only NAME ...]`.
 
-Runs, in order, `ttft`, `quota_decisions` and `quota_util` (the last needs the `bench`
-extra: litellm). Other options go to every benchmark that is run, so pass them with
+Runs, in order, `ttft`, `quota_decisions`, `quota_util` (it needs the `bench` extra:
+litellm) and `routing_cost`. Other options go to every benchmark that is run, so pass them with
 `--only` (e.g. `python -m benchmarks --only ttft --n 100`); each benchmark alone:
 `python -m benchmarks.<name> --help`.
 """
@@ -13,12 +13,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from benchmarks import quota_decisions, quota_util, ttft
+from benchmarks import quota_decisions, quota_util, routing_cost, ttft
 
 SUITE: dict[str, Callable[[Sequence[str] | None], Any]] = {
     "ttft": ttft.main,
     "quota_decisions": quota_decisions.main,
     "quota_util": quota_util.main,
+    "routing_cost": routing_cost.main,
 }
 
 

@@ -1,4 +1,5 @@
-"""The `quotaflow` command (CONTRACT.md, "CLI"): kafka, run, send, sim, demo."""
+"""The `quotaflow` command (CONTRACT.md, "CLI"): kafka, run, send, sim, status, usage, serve,
+demo."""
 
 from __future__ import annotations
 
@@ -60,10 +61,31 @@ def _sim(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
+    from pipeline._send_args import SINGLE_TIMEOUT_S, check_send_args
     from pipeline.send import send_one
     from topics.config import load_config
 
+    check_send_args(args)
     config = load_config(args.config)
+    if args.file is not None:
+        from pipeline.batch import send_batch
+
+        return asyncio.run(
+            send_batch(
+                config,
+                path_in=Path(args.file),
+                path_out=Path(args.out),
+                model=args.model,
+                tenant=args.tenant,
+                window=args.window,
+                max_tokens=args.max_tokens,
+                api_key_env=args.api_key_env,
+                grace_s=args.grace,
+                timeout_s=args.timeout,
+                progress_interval_s=args.progress_interval,
+                id_prefix=args.id_prefix,
+            )
+        )
     return asyncio.run(
         send_one(
             config,
@@ -73,7 +95,7 @@ def _send(args: argparse.Namespace) -> int:
             stream=not args.no_stream,
             max_tokens=args.max_tokens,
             api_key_env=args.api_key_env,
-            timeout_s=args.timeout,
+            timeout_s=args.timeout if args.timeout is not None else SINGLE_TIMEOUT_S,
         )
     )
 
@@ -87,6 +109,38 @@ def _status(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     return print_status(config, as_json=args.json, watch_s=None if args.once else args.interval)
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from pipeline.usage import run_usage
+    from topics.config import load_config
+
+    config = load_config(args.config)
+    return run_usage(
+        config,
+        since=args.since,
+        until=args.until,
+        tenants=args.tenant or (),
+        by=[k.strip() for k in args.by.split(",") if k.strip()],
+        csv_path=args.csv,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pipeline._frontdoor_settings import settings_from
+    from pipeline.frontdoor import serve
+    from topics.config import load_config
+
+    config = load_config(args.config)
+    settings = settings_from(
+        host=args.host,
+        port=args.port,
+        reply_topic=args.reply_topic,
+        request_timeout_s=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+        drain_timeout_s=args.drain_timeout,
+    )
+    return asyncio.run(serve(config, settings))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -109,15 +163,47 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True)
     r.set_defaults(func=_run)
 
-    s = sub.add_parser("send", help="publish one request and stream its reply to stdout")
+    from pipeline._batch_options import BatchOptions
+    from pipeline._send_args import SEND_EPILOG, SINGLE_TIMEOUT_S
+
+    batch = BatchOptions()
+    s = sub.add_parser(
+        "send",
+        help="publish one request and stream its reply, or a JSONL file of them (--file)",
+        epilog=SEND_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s.add_argument("--config", required=True)
-    s.add_argument("--model", default="auto")
-    s.add_argument("--tenant", default="default")
+    s.add_argument("--model", default="auto", help="with --file: for lines that name none")
+    s.add_argument("--tenant", default="default", help="with --file: for lines that name none")
     s.add_argument("--max-tokens", type=int, default=None)
     s.add_argument("--no-stream", action="store_true", help="ask for one completion")
     s.add_argument("--api-key-env", help="env var holding the tenant key (authorization header)")
-    s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
-    s.add_argument("prompt")
+    s.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"seconds to wait for the answer (default {SINGLE_TIMEOUT_S:g}); with --file, "
+        f"without any reply to one request before giving up (default {batch.timeout_s:g})",
+    )
+    s.add_argument("--file", help="JSONL input, one request per line (see below)")
+    s.add_argument("--out", help="JSONL results, one line per request; resumes if it exists")
+    s.add_argument(
+        "--window", type=int, help=f"requests in flight at once (default {batch.window})"
+    )
+    s.add_argument(
+        "--grace",
+        type=float,
+        help=f"seconds to wait for those in flight after Ctrl-C (default {batch.grace_s:g})",
+    )
+    s.add_argument(
+        "--progress-interval",
+        type=float,
+        help="seconds between progress lines when stderr is not a terminal "
+        f"(default {batch.progress_interval_s:g})",
+    )
+    s.add_argument("--id-prefix", help="put before the ids derived for lines without one")
+    s.add_argument("prompt", nargs="?", help="one prompt (or --file)")
     s.set_defaults(func=_send)
 
     m = sub.add_parser("sim", help="run the OpenAI-compatible provider simulator")
@@ -131,6 +217,42 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable snapshot(s)")
     st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     st.set_defaults(func=_status)
+
+    u = sub.add_parser("usage", help="spend, tokens and cache savings per tenant and model")
+    u.add_argument("--config", required=True)
+    u.add_argument("--since", help="start: a duration back (24h, 7d) or ISO date/time (UTC)")
+    u.add_argument("--until", help="end (exclusive), same forms; default now")
+    u.add_argument("--tenant", action="append", help="only this tenant (repeatable)")
+    u.add_argument("--by", default="tenant,model", help="group by: tenant, model, deployment")
+    u.add_argument("--csv", help="also write the groups as CSV to this file ('-': stdout only)")
+    u.set_defaults(func=_usage)
+
+    from pipeline._frontdoor_settings import FrontDoorSettings
+
+    door = FrontDoorSettings()
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP front door (/v1/chat/completions)")
+    v.add_argument("--config", required=True)
+    v.add_argument("--host", help=f"listen address (default {door.host})")
+    v.add_argument(
+        "--port", type=int, help=f"listen port; 0 picks a free one (default {door.port})"
+    )
+    v.add_argument(
+        "--reply-topic", help=f"topic its replies come back on (default {door.reply_topic})"
+    )
+    v.add_argument(
+        "--request-timeout",
+        type=float,
+        help=f"seconds to wait for an answer before 504 (default {door.request_timeout_s:g})",
+    )
+    v.add_argument(
+        "--max-body-bytes", type=int, help=f"larger bodies get 413 (default {door.max_body_bytes})"
+    )
+    v.add_argument(
+        "--drain-timeout",
+        type=float,
+        help=f"seconds requests in flight get on SIGTERM (default {door.drain_timeout_s:g})",
+    )
+    v.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="broker, simulator, gateway and sample traffic on one machine")
     d.add_argument("--requests", type=int, default=24, help="sample requests to send")

@@ -78,6 +78,9 @@ class QuotaflowClient:
         self._consumer: AIOKafkaConsumer | None = None
         self._queues: dict[str, asyncio.Queue[Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
+        # Highest seq seen per registered id; dropped with its queue, so it stays bounded
+        # and an id used again later (a resend) is read afresh.
+        self._seen: dict[str, int] = {}
         self.duplicates = 0
 
     async def __aenter__(self) -> QuotaflowClient:
@@ -142,7 +145,7 @@ class QuotaflowClient:
 
     async def _read(self) -> None:
         assert self._consumer is not None
-        seen: dict[str, int] = {}
+        seen = self._seen
         while True:
             batches = await self._consumer.getmany(timeout_ms=500)
             for records in batches.values():
@@ -173,6 +176,7 @@ class QuotaflowClient:
         task: str | None = None,
         cache: CacheMode | None = None,
         metadata: dict[str, Any] | None = None,
+        max_cost_usd: float | None = None,
     ) -> Request:
         """A Request for `body` (an OpenAI Chat Completions body) replying to our topic."""
         fields: dict[str, Any] = {
@@ -188,23 +192,31 @@ class QuotaflowClient:
             "task": task,
             "cache": cache,
             "metadata": metadata,
+            "max_cost_usd": max_cost_usd,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
         return msgspec.convert(fields, Request)
 
-    async def send(self, request: Request) -> None:
-        """Publish `request` (register for its replies first)."""
+    async def send(self, request: Request, *, api_key: str | None = None) -> None:
+        """Publish `request` (register for its replies first); `api_key` overrides the
+        client's tenant key for this request. If publishing fails, nothing waits for it."""
         assert self._producer is not None, "start() the client first"
         self._queues.setdefault(request.id, asyncio.Queue())
         headers = []
-        if self._api_key:
-            headers.append(("authorization", f"Bearer {self._api_key}".encode()))
-        await self._producer.send_and_wait(
-            self.requests_topic,
-            value=REQUEST_ENCODER.encode(request),
-            key=request.id.encode(),
-            headers=headers,
-        )
+        key = api_key or self._api_key
+        if key:
+            headers.append(("authorization", f"Bearer {key}".encode()))
+        try:
+            await self._producer.send_and_wait(
+                self.requests_topic,
+                value=REQUEST_ENCODER.encode(request),
+                key=request.id.encode(),
+                headers=headers,
+            )
+        except BaseException:
+            self._queues.pop(request.id, None)
+            self._seen.pop(request.id, None)
+            raise
 
     async def stream(
         self, body: Mapping[str, Any] | Request, *, timeout_s: float | None = None, **fields: Any
@@ -235,6 +247,7 @@ class QuotaflowClient:
                     return
         finally:
             self._queues.pop(request_id, None)
+            self._seen.pop(request_id, None)
 
     async def ask(
         self, body: Mapping[str, Any] | Request, *, timeout_s: float | None = None, **fields: Any

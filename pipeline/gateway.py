@@ -11,26 +11,43 @@ request of each partition that has no acknowledged terminal reply yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import heapq
 import hmac
 import itertools
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from actors._exact_cache import cache_key, cacheable
-from actors._kafka import make_producer
-from actors._messages import Ask, CacheLookup, Grant, Job, Refusal, RouteAsk, Settlement
+from actors._idempotency import RERUN_SEQ_STRIDE, IdemClaim
+from actors._kafka import make_producer, send_retrying
+from actors._messages import (
+    Ask,
+    CacheLookup,
+    Finished,
+    Grant,
+    Job,
+    Refusal,
+    Route,
+    RouteAsk,
+    Settlement,
+)
 from actors._replies import ReplyStream
+from actors._routing import AUTO
 from actors.cache import cache_actors, shard_of
 from actors.caller import caller_actors
+from actors.idempotency import idempotency_actors, idempotency_shard_of
 from actors.quota import quota_actor
 from actors.selector import selector_actors
 from pipeline._admin import ensure_topics
@@ -54,6 +71,7 @@ class Actors:
     caches: list[Any]
     selectors: list[Any]
     callers: list[Any]
+    idempotency: list[Any] = field(default_factory=list)
 
 
 def start_actors(config: Config) -> Actors:
@@ -63,6 +81,7 @@ def start_actors(config: Config) -> Actors:
         caches=cache_actors(config) if config.cache.enabled else [],
         selectors=selector_actors(config),
         callers=caller_actors(config),
+        idempotency=(idempotency_actors(config) if config.resilience.idempotency.enabled else []),
     )
 
 
@@ -77,7 +96,20 @@ class _Pending:
     cache_key: str | None = None
     prompt_tokens: int = 0
     candidates: tuple[str, ...] = ()
+    fallback: tuple[str, ...] = ()
     attempt: int = 1
+    # The public model each candidate deployment serves (fallbacks included).
+    served: dict[str, str] = field(default_factory=dict)
+    # The next reply seq: a retry continues where the failed attempt stopped.
+    seq: int = 0
+    # The next attempt starts with a `reset` (an earlier one may have sent chunks unseen).
+    reset_first: bool = False
+    # Deployments that failed this request, ranked last when it is routed again.
+    avoid: list[str] = field(default_factory=list)
+    # Index of the caller actor running it (while dispatched).
+    caller: int | None = None
+    # Records of the same id that arrived while this one ran: answered by it.
+    duplicates: list[tuple[TopicPartition, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -89,6 +121,13 @@ class GatewayStats:
     dispatched: int = 0
     finished: int = 0
     paused: int = 0
+    # Resent ids: attached to the running request / replayed from the idempotency store.
+    attached: int = 0
+    replayed: int = 0
+    retries: int = 0
+    # Requests run again because the caller running them died (upstream calls repeated).
+    crash_reruns: int = 0
+    aborted_at_shutdown: int = 0
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -114,8 +153,15 @@ class Gateway:
         self._actors = actors
         self._tickets = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
+        # Request id -> ticket of the running request: a resent id attaches to it.
+        self._by_id: dict[str, int] = {}
         # Tickets handed to a caller actor: from then on the caller owns their answer.
         self._dispatched: set[int] = set()
+        # Retries waiting for their backoff: (loop time due, ticket).
+        self._retry_heap: list[tuple[float, int]] = []
+        self._retry_wake = asyncio.Event()
+        # Each caller's incarnation: a new one means its jobs died with the old one.
+        self._caller_incarnation: dict[int, str] = {}
         self._quota_epoch: int | None = None
         # The quota actor's wait queue is full: consume nothing more until it says otherwise.
         self._quota_full = False
@@ -154,8 +200,10 @@ class Gateway:
         a = self.actors
         # Actors start their producers and loops now, not on the first request.
         self._quota_epoch, *_ = await asyncio.gather(
-            *(h.warm.remote() for h in (a.quota, *a.caches, *a.selectors, *a.callers))
+            *(h.warm.remote() for h in (a.quota, *a.caches, *a.selectors, *a.idempotency))
         )
+        incarnations = await asyncio.gather(*(c.warm.remote() for c in a.callers))
+        self._caller_incarnation = dict(enumerate(incarnations))
         self._producer = await make_producer(cfg, client_suffix="ingress")
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=cfg.kafka.bootstrap_servers,
@@ -168,8 +216,9 @@ class Gateway:
         self._consumer.subscribe([cfg.topics.requests], listener=_Rebalance(self))
         await self._consumer.start()
         self._spawn(self._grant_loop())
-        for caller in self.actors.callers:
-            self._spawn(self._finished_loop(caller))
+        for i in range(len(self.actors.callers)):
+            self._spawn(self._finished_loop(i))
+        self._spawn(self._retry_loop())
         self._spawn(self._commit_loop())
         log.info("gateway_started", owner=self.owner, requests_topic=cfg.topics.requests)
 
@@ -204,14 +253,51 @@ class Gateway:
         self._stopping.set()
 
     async def _drain(self) -> None:
-        timeout = self.config.gateway.drain_timeout_s
+        """Finish in-flight requests, or end them with an error past the drain timeout."""
+        cfg = self.config.gateway
         if self._pending:
-            log.info("draining", in_flight=len(self._pending), timeout_s=timeout)
+            log.info("draining", in_flight=len(self._pending), timeout_s=cfg.drain_timeout_s)
             try:
-                await asyncio.wait_for(self._drained.wait(), timeout)
+                await asyncio.wait_for(self._drained.wait(), cfg.drain_timeout_s)
             except TimeoutError:
                 log.warning("drain_timeout", unanswered=len(self._pending))
+                await self._abort_remaining(cfg.abort_timeout_s)
         await self._commit()
+
+    async def _abort_remaining(self, timeout_s: float) -> None:
+        """Answer every unfinished request with a retryable error, then wait for the acks."""
+        waiting = [t for t in self._pending if t not in self._dispatched]
+        self.stats.aborted_at_shutdown += len(self._pending)
+        if waiting:
+            try:
+                await self.actors.quota.cancel.remote(self.owner, waiting)
+            except ray.exceptions.RayError as exc:
+                log.warning("quota_cancel_failed", error=repr(exc))
+            await asyncio.gather(
+                *(
+                    self._answer(
+                        t,
+                        "upstream_unavailable",
+                        "the gateway shut down before this request was sent upstream; "
+                        "send it again",
+                        retryable=True,
+                    )
+                    for t in waiting
+                    if t in self._pending and t not in self._dispatched
+                ),
+                return_exceptions=True,
+            )
+        if self._dispatched:
+            # Callers answer their running jobs; the finished long polls collect them.
+            await asyncio.gather(
+                *(c.abort.remote(self.owner) for c in self.actors.callers),
+                return_exceptions=True,
+            )
+        if self._pending:
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout_s)
+            except TimeoutError:
+                log.error("abort_timeout", unanswered=len(self._pending))
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -234,6 +320,7 @@ class Gateway:
             self._offsets.add(tp, rec.offset)
             try:
                 req = parse_request(rec.value)
+                self._check_reply_to(req)
                 self._authorize(req, rec.headers)
             except InvalidRequest as exc:
                 answers.append(self._dead_letter(rec, exc))
@@ -241,9 +328,17 @@ class Gateway:
             except Unauthorized as exc:
                 answers.append(self._answer_record(rec, req, exc))
                 continue
+            running = self._by_id.get(req.id)
+            if running is not None:
+                # The same id resent while it runs: its answer is the running one's.
+                self._pending[running].duplicates.append((tp, rec.offset))
+                self.stats.attached += 1
+                log.info("request_attached", request_id=req.id, tenant=req.tenant)
+                continue
             ticket = next(self._tickets)
             p = _Pending(tp, rec.offset, req, req.reply_to or self.config.topics.responses, now_ms)
             self._pending[ticket] = p
+            self._by_id[req.id] = ticket
             if req.deadline_ms is not None and req.deadline_ms <= now_ms:
                 answers.append(
                     self._answer(
@@ -256,7 +351,9 @@ class Gateway:
             accepted[ticket] = p
         self._backpressure()
         if answers:
-            await asyncio.gather(*answers)
+            for result in await asyncio.gather(*answers, return_exceptions=True):
+                if isinstance(result, Exception):
+                    log.error("answer_failed", error=repr(result))
         if accepted:
             try:
                 await self._route(accepted)
@@ -279,6 +376,17 @@ class Gateway:
             return_exceptions=True,
         )
 
+    def _check_reply_to(self, req: Request) -> None:
+        """Replies never go to the gateway's own topics (requests, DLQ, usage, state)."""
+        t = self.config.topics
+        topic = req.reply_to
+        if topic is None:
+            return
+        if topic in (t.requests, t.dlq, t.usage, t.events) or topic.startswith(t.internal_prefix):
+            raise InvalidRequest(
+                f"reply_to: {topic!r} is one of the gateway's own topics, not a reply topic"
+            )
+
     def _authorize(self, req: Request, headers: Sequence[tuple[str, bytes]]) -> None:
         if not self._tenant_keys:
             return
@@ -291,34 +399,91 @@ class Gateway:
             # Never echo the key; name only the tenant it was checked against.
             raise Unauthorized(f"the authorization key is not valid for tenant {req.tenant!r}")
 
+    def _route_ask(self, ticket: int, p: _Pending) -> RouteAsk:
+        req = p.request
+        body = req.request
+        # The prompt crosses Ray only when the selector needs it: to score it (auto) or to
+        # price it against a cost bound.
+        needs_prompt = body["model"] == AUTO or req.max_cost_usd is not None
+        return RouteAsk(
+            ticket,
+            body["model"],
+            req.tenant,
+            req.tier,
+            req.task,
+            avoid=tuple(p.avoid),
+            messages=body["messages"] if needs_prompt else None,
+            max_tokens=self._max_tokens(body),
+            max_cost_usd=req.max_cost_usd,
+        )
+
+    async def _claim(self, accepted: dict[int, _Pending]) -> set[int]:
+        """Ask the idempotency store about each id: returns the tickets it replayed.
+
+        New ids get the seq to start at: past an earlier run's when the id ran before
+        (a crash or a resend), with a `reset` first.
+        """
+        shards = self.actors.idempotency
+        if not shards:
+            return set()
+        by_shard: dict[int, list[IdemClaim]] = {}
+        for t, p in accepted.items():
+            by_shard.setdefault(idempotency_shard_of(p.request.id, len(shards)), []).append(
+                IdemClaim(
+                    ticket=t, request_id=p.request.id, reply_to=p.reply_to, tenant=p.request.tenant
+                )
+            )
+        results = await asyncio.gather(
+            *(shards[i].claim.remote(items) for i, items in by_shard.items())
+        )
+        replayed: set[int] = set()
+        for claims in results:
+            for c in claims:
+                if c.kind == "replayed":
+                    replayed.add(c.ticket)
+                elif (claimed := accepted.get(c.ticket)) is not None:
+                    claimed.seq = c.start_seq
+                    claimed.reset_first = c.reset_first
+        return replayed
+
+    def _apply_route(self, p: _Pending, route: Route) -> None:
+        assert route.model is not None
+        p.model = route.model
+        p.candidates = route.candidates
+        p.fallback = route.fallback
+        every = (*route.candidates, *route.fallback)
+        p.served = dict(zip(every, route.served, strict=False))
+        p.prompt_tokens = self._prompt_counter.count(
+            p.request.request["messages"],
+            [self._upstream_model[d] for d in every if d in self._upstream_model],
+        )
+
     async def _route(self, accepted: dict[int, _Pending]) -> None:
         selector = self.actors.selectors[next(self._selector_rr)]
-        routes = await selector.route.remote(
-            [
-                RouteAsk(
-                    t, p.request.request["model"], p.request.tenant, p.request.tier, p.request.task
-                )
-                for t, p in accepted.items()
-            ]
+        routes, replayed = await asyncio.gather(
+            selector.route.remote([self._route_ask(t, p) for t, p in accepted.items()]),
+            self._claim(accepted),
         )
+        for t in replayed:
+            self.stats.replayed += 1
+            log.info("request_replayed", request_id=accepted[t].request.id)
+            self._finish(t)
         answers: list[Awaitable[None]] = []
         lookups: dict[int, list[CacheLookup]] = {}
         routed: list[int] = []
         for route in routes:
+            if route.ticket in replayed:
+                continue
             p = accepted[route.ticket]
             if route.error is not None or route.model is None:
                 answers.append(
                     self._answer(route.ticket, route.error or "internal", route.message or "")
                 )
                 continue
-            p.model = route.model
-            p.prompt_tokens = self._prompt_counter.count(
-                p.request.request["messages"],
-                [self._upstream_model[d] for d in route.candidates if d in self._upstream_model],
-            )
+            self._apply_route(p, route)
             routed.append(route.ticket)
-            p.candidates = route.candidates
-            if self.actors.caches and cacheable(p.request, self.config.cache):
+            # A re-run continues at a later seq; a cache replay would start at 0.
+            if self.actors.caches and p.seq == 0 and cacheable(p.request, self.config.cache):
                 p.cache_key = cache_key(p.request, route.model)
                 shard = shard_of(p.cache_key, len(self.actors.caches))
                 lookups.setdefault(shard, []).append(
@@ -341,14 +506,15 @@ class Gateway:
             decisions = await self.actors.quota.submit.remote(asks)
             await self._decided(decisions)
 
-    def _ask(self, ticket: int) -> Ask:
-        p = self._pending[ticket]
-        body = p.request.request
-        max_tokens = (
+    def _max_tokens(self, body: dict[str, Any]) -> int:
+        return int(
             body.get("max_completion_tokens")
             or body.get("max_tokens")
             or self.config.quota.default_max_tokens
         )
+
+    def _ask(self, ticket: int) -> Ask:
+        p = self._pending[ticket]
         return Ask(
             ticket=ticket,
             owner=self.owner,
@@ -357,7 +523,8 @@ class Gateway:
             deadline_ms=p.request.deadline_ms,
             candidates=p.candidates,
             prompt_tokens=p.prompt_tokens,
-            max_tokens=int(max_tokens),
+            max_tokens=self._max_tokens(p.request.request),
+            fallback=p.fallback,
         )
 
     async def _decided(self, decisions: Iterable[Any]) -> None:
@@ -368,21 +535,25 @@ class Gateway:
             if isinstance(d, Grant):
                 p = self._pending.get(d.ticket)
                 if p is None or p.model is None or d.ticket in self._dispatched:
-                    # A second grant for one ticket (asked again after a quota restart):
-                    # give the reservation back unused.
-                    returned.append(Settlement(d.lease, 0, deployment=d.deployment))
+                    # A second grant for one ticket (asked again after a quota restart),
+                    # or one for a request answered meanwhile: give it back unused.
+                    returned.append(
+                        Settlement(d.lease, 0, deployment=d.deployment, outcome="unused")
+                    )
                     continue
                 jobs.append(
                     Job(
                         d.ticket,
                         p.request,
                         p.reply_to,
-                        p.model,
+                        p.served.get(d.deployment, p.model),
                         d,
                         p.prompt_tokens,
                         p.received_ms,
                         p.cache_key,
                         attempt=p.attempt,
+                        start_seq=p.seq,
+                        reset_first=p.reset_first,
                     )
                 )
             elif isinstance(d, Refusal):
@@ -400,7 +571,9 @@ class Gateway:
         callers = self.actors.callers
         by_caller: dict[int, list[Job]] = {}
         for job in jobs:
-            by_caller.setdefault(next(self._caller_rr) % len(callers), []).append(job)
+            i = next(self._caller_rr) % len(callers)
+            by_caller.setdefault(i, []).append(job)
+            self._pending[job.ticket].caller = i
         self._dispatched.update(job.ticket for job in jobs)
         await asyncio.gather(
             *(callers[i].submit.remote(self.owner, batch) for i, batch in by_caller.items())
@@ -409,77 +582,169 @@ class Gateway:
 
     # -- long polls -------------------------------------------------------------------
 
-    async def _grant_loop(self) -> None:
-        timeout = self.config.quota.grant_poll_timeout_s
+    async def _keep_going(self, name: str, step: Callable[[], Awaitable[None]]) -> None:
+        """Run one loop step forever: an unexpected error (Kafka down while answering, a
+        bug) is logged and the loop goes on, so no request is left without its loop."""
+        pause = self.config.gateway.error_backoff_ms / 1000.0
         while True:
             try:
-                batch = await self.actors.quota.next_grants.remote(self.owner, timeout)
-            except ray.exceptions.RayActorError:
-                log.warning("quota_actor_unavailable")
-                await asyncio.sleep(timeout)
-                continue
-            if batch.epoch != self._quota_epoch:
-                log.warning("quota_actor_restarted", old=self._quota_epoch, new=batch.epoch)
-                self._quota_epoch = batch.epoch
-                await self._resubmit_waiting()
-            if batch.queue_full != self._quota_full:
-                self._quota_full = batch.queue_full
-                log.warning("quota_queue_full" if batch.queue_full else "quota_queue_drained")
-                self._backpressure()
-            decisions = batch.decisions
-            if decisions:
-                try:
-                    await self._decided(decisions)
-                except ray.exceptions.RayError as exc:
-                    tickets = {
-                        d.ticket: self._pending[d.ticket]
-                        for d in decisions
-                        if d.ticket in self._pending
-                    }
-                    await self._fail_stage(tickets, exc)
+                await step()
+            except Exception as exc:
+                log.exception("gateway_loop_error", loop=name, error=repr(exc))
+                await asyncio.sleep(pause)
 
-    async def _finished_loop(self, caller: Any) -> None:
+    async def _grant_loop(self) -> None:
+        await self._keep_going("grants", self._grant_step)
+
+    async def _grant_step(self) -> None:
         timeout = self.config.quota.grant_poll_timeout_s
+        try:
+            batch = await self.actors.quota.next_grants.remote(self.owner, timeout)
+        except ray.exceptions.RayActorError:
+            log.warning("quota_actor_unavailable")
+            await asyncio.sleep(timeout)
+            return
+        if batch.epoch != self._quota_epoch:
+            log.warning("quota_actor_restarted", old=self._quota_epoch, new=batch.epoch)
+            self._quota_epoch = batch.epoch
+            await self._resubmit_waiting()
+        if batch.queue_full != self._quota_full:
+            self._quota_full = batch.queue_full
+            log.warning("quota_queue_full" if batch.queue_full else "quota_queue_drained")
+            self._backpressure()
+        decisions = batch.decisions
+        if decisions:
+            try:
+                await self._decided(decisions)
+            except ray.exceptions.RayError as exc:
+                tickets = {
+                    d.ticket: self._pending[d.ticket]
+                    for d in decisions
+                    if d.ticket in self._pending
+                }
+                await self._fail_stage(tickets, exc)
+
+    async def _finished_loop(self, index: int) -> None:
+        await self._keep_going(f"finished-{index}", functools.partial(self._finished_step, index))
+
+    async def _finished_step(self, index: int) -> None:
+        timeout = self.config.quota.grant_poll_timeout_s
+        caller = self.actors.callers[index]
+        try:
+            done = await caller.finished.remote(self.owner, timeout)
+        except ray.exceptions.RayActorError:
+            log.warning("caller_actor_unavailable", caller=index)
+            await self._caller_lost(index, timeout)
+            return
+        retry = [f for f in done if f.status == "retry"]
+        for f in done:
+            if f.status != "retry":
+                self._finish(f.ticket)
+        if retry:
+            self._schedule_retries(retry)
+
+    async def _caller_lost(self, index: int, poll_s: float) -> None:
+        """Wait for Ray to bring the caller back; if it is a new incarnation, the jobs it
+        ran died with the old one: run them again (their upstream calls repeat)."""
+        caller = self.actors.callers[index]
         while True:
             try:
-                done = await caller.finished.remote(self.owner, timeout)
+                incarnation = await caller.whoami.remote()
+                break
             except ray.exceptions.RayActorError:
-                log.warning("caller_actor_unavailable")
-                await asyncio.sleep(timeout)
+                await asyncio.sleep(poll_s)
+        if incarnation == self._caller_incarnation.get(index):
+            return
+        self._caller_incarnation[index] = incarnation
+        lost = [t for t in self._dispatched if self._pending[t].caller == index]
+        log.warning("caller_restarted", caller=index, rerun=len(lost))
+        now = asyncio.get_running_loop().time()
+        for t in lost:
+            p = self._pending[t]
+            self._dispatched.discard(t)
+            p.caller = None
+            p.attempt += 1
+            # How far the dead attempt got is unknown: continue past any seq it could
+            # have used, after a reset.
+            p.seq = (p.seq // RERUN_SEQ_STRIDE + 1) * RERUN_SEQ_STRIDE
+            p.reset_first = True
+            self.stats.crash_reruns += 1
+            heapq.heappush(self._retry_heap, (now, t))
+        self._retry_wake.set()
+
+    def _schedule_retries(self, finished: list[Finished]) -> None:
+        """Failed attempts the caller wants retried: route them again after their backoff."""
+        now = asyncio.get_running_loop().time()
+        for f in finished:
+            p = self._pending.get(f.ticket)
+            if p is None:
                 continue
-            requeue = [f.ticket for f in done if f.status == "requeue"]
-            for f in done:
-                if f.status != "requeue":
-                    self._finish(f.ticket)
-            if requeue:
-                await self._requeue(requeue)
+            self._dispatched.discard(f.ticket)
+            p.caller = None
+            p.attempt += 1
+            p.seq = f.next_seq
+            p.reset_first = False  # the failed attempt sent its own reset
+            if f.deployment:
+                p.avoid.append(f.deployment)
+            self.stats.retries += 1
+            heapq.heappush(self._retry_heap, (now + f.retry_after_ms / 1000.0, f.ticket))
+        self._retry_wake.set()
+
+    async def _retry_loop(self) -> None:
+        """Retries whose backoff is over go back through routing and quota, in batches."""
+        await self._keep_going("retries", self._retry_step)
+
+    async def _retry_step(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due: list[int] = []
+        while self._retry_heap and self._retry_heap[0][0] <= now:
+            due.append(heapq.heappop(self._retry_heap)[1])
+        due = [t for t in due if t in self._pending and t not in self._dispatched]
+        if due:
+            try:
+                await self._reroute(due)
+            except ray.exceptions.RayError as exc:
+                await self._fail_stage({t: self._pending[t] for t in due}, exc)
+            return
+        timeout = self._retry_heap[0][0] - now if self._retry_heap else None
+        self._retry_wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._retry_wake.wait(), timeout)
+
+    async def _reroute(self, tickets: list[int]) -> None:
+        """Route again (breakers and failures may have changed the candidates), ask quota."""
+        pending = {t: self._pending[t] for t in tickets}
+        selector = self.actors.selectors[next(self._selector_rr)]
+        routes = await selector.route.remote([self._route_ask(t, p) for t, p in pending.items()])
+        answers: list[Awaitable[None]] = []
+        asks: list[Ask] = []
+        for route in routes:
+            if route.error is not None or route.model is None:
+                answers.append(
+                    self._answer(route.ticket, route.error or "internal", route.message or "")
+                )
+                continue
+            self._apply_route(pending[route.ticket], route)
+            asks.append(self._ask(route.ticket))
+        if answers:
+            await asyncio.gather(*answers)
+        if asks:
+            await self._decided(await self.actors.quota.submit.remote(asks))
 
     async def _resubmit_waiting(self) -> None:
         """Asks queued in a quota actor that died are lost with it: ask again."""
+        queued = {t for _, t in self._retry_heap}
         waiting = [
-            t for t, p in self._pending.items() if p.candidates and t not in self._dispatched
+            t
+            for t, p in self._pending.items()
+            if p.candidates and t not in self._dispatched and t not in queued
         ]
         if waiting:
             log.info("resubmitting_waiting", count=len(waiting))
             await self._decided(
                 await self.actors.quota.submit.remote([self._ask(t) for t in waiting])
             )
-
-    async def _requeue(self, tickets: list[int]) -> None:
-        """Upstream answered 429 before any chunk: the request waits for quota again."""
-        asks = []
-        for t in tickets:
-            p = self._pending.get(t)
-            if p is None:
-                continue
-            self._dispatched.discard(t)
-            p.attempt += 1
-            asks.append(self._ask(t))
-        if asks:
-            try:
-                await self._decided(await self.actors.quota.submit.remote(asks))
-            except ray.exceptions.RayError as exc:
-                await self._fail_stage({a.ticket: self._pending[a.ticket] for a in asks}, exc)
 
     async def _commit_loop(self) -> None:
         interval = self.config.gateway.commit_interval_ms / 1000.0
@@ -488,6 +753,13 @@ class Gateway:
             await self._commit()
 
     async def _commit(self) -> None:
+        try:
+            await self._commit_now()
+        except KafkaError as exc:
+            # Broker away or a rebalance under way: the next commit covers these offsets.
+            log.warning("commit_failed", error=repr(exc))
+
+    async def _commit_now(self) -> None:
         offsets = self._offsets.committable()
         if not offsets or self._consumer is None:
             return
@@ -506,7 +778,11 @@ class Gateway:
         if p is None:
             return
         self.stats.finished += 1
+        if self._by_id.get(p.request.id) == ticket:
+            del self._by_id[p.request.id]
         self._offsets.done(p.tp, p.offset)
+        for tp, offset in p.duplicates:
+            self._offsets.done(tp, offset)
         self._backpressure()
         if not self._pending:
             self._drained.set()
@@ -529,17 +805,27 @@ class Gateway:
         if n:
             self._drained.clear()
 
-    def _stream_for(self, request_id: str, reply_to: str, tenant: str) -> ReplyStream:
+    def _stream_for(
+        self, request_id: str, reply_to: str, tenant: str, *, start_seq: int = 0
+    ) -> ReplyStream:
         return ReplyStream(
             self._producer,
             topic=reply_to,
             usage_topic=self.config.topics.usage,
             request_id=request_id,
             tenant=tenant,
+            start_seq=start_seq,
+            kafka=self.config.kafka,
         )
 
     async def _answer(
-        self, ticket: int, code: ErrorCode, message: str, *, retry_after_ms: int | None = None
+        self,
+        ticket: int,
+        code: ErrorCode,
+        message: str,
+        *,
+        retry_after_ms: int | None = None,
+        retryable: bool = False,
     ) -> None:
         """Terminal error for an accepted request, then it counts as finished."""
         p = self._pending[ticket]
@@ -550,10 +836,22 @@ class Gateway:
             code=code,
             reason=message,
         )
-        out = self._stream_for(p.request.id, p.reply_to, p.request.tenant)
-        await out.error(
-            code, message, retry_after_ms=retry_after_ms, metadata=p.request.metadata, model=p.model
-        )
+        out = self._stream_for(p.request.id, p.reply_to, p.request.tenant, start_seq=p.seq)
+        try:
+            await out.error(
+                code,
+                message,
+                retryable=retryable,
+                retry_after_ms=retry_after_ms,
+                metadata=p.request.metadata,
+                model=p.model,
+            )
+        except KafkaError as err:
+            # Past the send retries (a reply topic that cannot exist, or Kafka away for
+            # minutes): finished all the same, or the record would come back forever.
+            log.error(
+                "terminal_reply_failed", request_id=p.request.id, topic=p.reply_to, error=repr(err)
+            )
         self.stats.answered_by_ingress += 1
         self._finish(ticket)
 
@@ -573,26 +871,56 @@ class Gateway:
         self._offsets.done(TopicPartition(rec.topic, rec.partition), rec.offset)
 
     async def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], exc: InvalidRequest) -> None:
-        """Original bytes to the DLQ with the reason; an invalid_request reply where possible."""
+        """Original bytes to the DLQ with the reason; an invalid_request reply where possible.
+
+        A failure here is logged and the record still counts as handled: a value that can
+        be neither dead-lettered nor answered must not come back after every restart.
+        """
         self.stats.invalid += 1
         topics = self.config.topics
-        sent = [
-            await self._producer.send(
-                topics.dlq,
-                value=rec.value,
-                key=rec.key,
-                headers=[
-                    ("error", exc.message.encode()),
-                    ("source", f"{rec.topic}/{rec.partition}/{rec.offset}".encode()),
-                ],
+        source = f"{rec.topic}/{rec.partition}/{rec.offset}"
+        try:
+            await (
+                await self._dlq_send(
+                    rec, [("error", exc.message.encode()), ("source", source.encode())]
+                )
             )
-        ]
+        except KafkaError as err:
+            log.error("dead_letter_failed", source=source, error=repr(err))
         found = salvage(rec.value)
         log.info(
             "request_dead_lettered", request_id=found.id if found else None, reason=exc.message
         )
         if found is not None:
             out = self._stream_for(found.id, found.reply_to or topics.responses, found.tenant)
-            await out.error("invalid_request", exc.message, usage_record=False)
-        await asyncio.gather(*sent)
+            try:
+                await out.error("invalid_request", exc.message, usage_record=False)
+            except KafkaError as err:
+                log.warning(
+                    "invalid_reply_undeliverable",
+                    request_id=found.id,
+                    topic=out.topic,
+                    error=repr(err),
+                )
         self._offsets.done(TopicPartition(rec.topic, rec.partition), rec.offset)
+
+    async def _dlq_send(
+        self, rec: ConsumerRecord[bytes, bytes], headers: list[tuple[str, bytes]]
+    ) -> Awaitable[Any]:
+        """Send the DLQ copy; one too large with our headers keeps its head, and says so."""
+        kafka = self.config.kafka
+        dlq = self.config.topics.dlq
+        try:
+            return await send_retrying(
+                self._producer, kafka, dlq, value=rec.value, key=rec.key, headers=headers
+            )
+        except MessageSizeTooLargeError:
+            size = len(rec.value or b"")
+            return await send_retrying(
+                self._producer,
+                kafka,
+                dlq,
+                value=(rec.value or b"")[: kafka.dlq_max_value_bytes],
+                key=rec.key,
+                headers=[*headers, ("truncated_from_bytes", str(size).encode())],
+            )

@@ -522,8 +522,9 @@ class LocalKafka:
             ["-Xmx256m"],
             "kafka.tools.StorageTool",
             "format",
-            "--cluster-id",
-            _cluster_id(),
+            # One argument, `=` joined: an id may start with "-", which argparse would
+            # otherwise take for an option ("expected one argument", 1 start in 64).
+            f"--cluster-id={_cluster_id()}",
             "--config",
             str(self.props_path),
         )

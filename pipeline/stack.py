@@ -109,6 +109,8 @@ class GatewayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self, *, ready_timeout_s: float = 120.0) -> None:
+        """Start it and wait for its ready line (a restart waits for a new one)."""
+        seen = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = await asyncio.to_thread(
             subprocess.Popen,
@@ -120,7 +122,7 @@ class GatewayProcess:
         )
         loop = asyncio.get_running_loop()
         give_up = loop.time() + ready_timeout_s
-        while b"quotaflow gateway running" not in self.log_path.read_bytes():
+        while b"quotaflow gateway running" not in self.log_path.read_bytes()[seen:]:
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"gateway exited with {self.proc.returncode}; see {self.log_path}"

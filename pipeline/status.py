@@ -16,6 +16,7 @@ from rich.table import Table
 
 from actors._ray import actor_by_name
 from actors.cache import cache_actor_name
+from actors.idempotency import idempotency_actor_name
 from actors.quota import QUOTA_ACTOR_NAME
 from pipeline.runtime import init_ray
 from topics.config import Config
@@ -55,13 +56,23 @@ def collect_status(config: Config) -> dict[str, Any]:
             except (ValueError, ray.exceptions.RayError) as exc:
                 caches.append({"shard": i, "error": type(exc).__name__})
     out["caches"] = caches
+    shards = []
+    idem = config.resilience.idempotency
+    for i in range(idem.shards if idem.enabled else 0):
+        try:
+            handle = actor_by_name(config, idempotency_actor_name(i))
+            shards.append(ray.get(handle.stats.remote(), timeout=_CALL_TIMEOUT_S))
+        except (ValueError, ray.exceptions.RayError) as exc:
+            shards.append({"shard": i, "error": type(exc).__name__})
+    out["idempotency"] = shards
     return out
 
 
 def _render(status: dict[str, Any], console: Console) -> None:
     q = status["quota"]
     buckets = Table(title="deployments", title_justify="left")
-    for col in ("deployment", "bucket", "used", "limit", "reset s", "in flight", "state", "429s"):
+    columns = ("deployment", "bucket", "used", "limit", "reset s", "in flight", "state", "breaker")
+    for col in (*columns, "ttft ms", "429s"):
         buckets.add_column(col)
     for name, d in q["deployments"].items():
         state = (
@@ -79,6 +90,8 @@ def _render(status: dict[str, Any], console: Console) -> None:
                 str(b["reset_s"]) if b else "-",
                 str(d["in_flight"]),
                 state,
+                str(d.get("breaker", {}).get("state", "-")),
+                str(d.get("ttft_ewma_ms") or "-"),
                 str(d["upstream_429s"]),
             )
     console.print(buckets)
@@ -93,13 +106,23 @@ def _render(status: dict[str, Any], console: Console) -> None:
         )
     console.print(queue)
     tenants = Table(title="tenants", title_justify="left")
-    for col in ("tenant", "tokens today", "daily budget", "spent this month $", "monthly budget $"):
+    for col in (
+        "tenant",
+        "tokens today",
+        "daily budget",
+        "spent today $",
+        "daily budget $",
+        "spent this month $",
+        "monthly budget $",
+    ):
         tenants.add_column(col)
     for name, t in q["tenants"].items():
         tenants.add_row(
             name,
             str(t["day_used_tokens"]),
             str(t["daily_tokens"] or "-"),
+            f"{t.get('day_used_usd', 0.0):.6f}",
+            str(t.get("daily_budget_usd") or "-"),
             f"{t['month_used_usd']:.6f}",
             str(t["monthly_budget_usd"] or "-"),
         )

@@ -20,6 +20,7 @@ import pytest
 from pipeline.client import QuotaflowClient
 from pipeline.kafka_local import LocalKafka, free_port
 from pipeline.stack import GatewayProcess, sim_config_dict, write_config
+from tests._routing_stack import add_routing_lanes
 from topics.config import Config
 
 
@@ -67,6 +68,28 @@ FAIR_LANE = QuotaLane("q-fair", "q-fair-model", "QF_SIM_KEY_E", rpm=60, tpm=1_00
 KILL_LANE = QuotaLane("q-kill", "q-kill-model", "QF_SIM_KEY_F", rpm=30, tpm=1_000_000)
 SLOW_LANE = QuotaLane("q-slow", "q-slow-model", "QF_SIM_KEY_G", rpm=1, tpm=1_000_000)
 QUOTA_LANES = (RPM_LANE, TPM_LANE, FAIR_LANE, KILL_LANE, SLOW_LANE)
+# Issue 4's tests: a flaky deployment (20% 5xx, 5% cut streams: 500 errors first, then 503s
+# of the rest, then drops of the rest), one that a test takes down and brings back, with
+# a fallback model, and one slow enough to be killed or stopped mid-stream.
+FLAKY_LANE = QuotaLane("r-flaky", "r-flaky-model", "QF_SIM_KEY_FLAKY", rpm=100_000, tpm=10**8)
+FLAKY_FAULTS = {
+    "error_500_rate": 0.1,
+    "error_503_rate": 0.1 / 0.9,
+    "drop_mid_stream_rate": 0.05 / 0.8,
+    "seed": 11,
+}
+DOWN_LANE = QuotaLane("r-down", "r-primary", "QF_SIM_KEY_DOWN", rpm=100_000, tpm=10**8)
+BACKUP_LANE = QuotaLane("r-backup", "r-backup-model", "QF_SIM_KEY_BACKUP", rpm=100_000, tpm=10**8)
+SLOW_STREAM_LANE = QuotaLane(
+    "r-slow", "r-slow-model", "QF_SIM_KEY_SLOWSTREAM", rpm=100_000, tpm=10**8
+)
+SLOW_STREAM_INTER_TOKEN_MS = 200
+RESILIENCE_LANES = (FLAKY_LANE, DOWN_LANE, BACKUP_LANE, SLOW_STREAM_LANE)
+# Enough attempts that 20% 5xx + 5% drops leave no request failed (0.25^8 per request).
+SESSION_MAX_ATTEMPTS = 8
+SESSION_BREAKER_OPEN_S = 2.0
+# Shorter than a slow stream (16 tokens x 200 ms): SIGTERM must end some with an error.
+SESSION_DRAIN_TIMEOUT_S = 1.0
 CAPPED_TENANT = "capped"
 CAPPED_DAILY_TOKENS = 100
 KILL_TENANT = "kill-tenant"
@@ -124,6 +147,20 @@ class Stack:
             stats: dict[str, Any] = json.loads(resp.read())
         return stats
 
+    def sim_set_faults(self, key_env: str, faults: dict[str, Any] | None) -> None:
+        """Replace one simulator key's faults (None: back to the global ones)."""
+        req = urllib.request.Request(
+            self.sim_url.removesuffix("/v1") + "/admin/faults",
+            data=json.dumps({"api_key_env": key_env, "faults": faults}).encode(),
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert resp.status == 200
+
+    def sim_log_records(self) -> list[dict[str, Any]]:
+        lines = self.sim_log.read_text().splitlines() if self.sim_log.exists() else []
+        return [json.loads(line) for line in lines]
+
     def sim_calls(self, request_id: str) -> list[dict[str, Any]]:
         """Simulator log lines for one request id (sent as X-Client-Request-Id)."""
         lines = self.sim_log.read_text().splitlines() if self.sim_log.exists() else []
@@ -179,6 +216,33 @@ def stack_config(kafka_bootstrap: str, stack_dir: Path) -> tuple[Config, Path]:
         raw["simulator"]["keys"].append(
             {"api_key_env": lane.key_env, "models": {"sim-small": limits}}
         )
+    for lane in RESILIENCE_LANES:
+        os.environ.setdefault(lane.key_env, "sk-sim-" + secrets.token_urlsafe(18))
+        raw["deployments"].append(
+            {
+                "name": lane.deployment,
+                "base_url": base,
+                "api_key_env": lane.key_env,
+                "model": "sim-small",
+                "limits": {"rpm": lane.rpm, "tpm": lane.tpm},
+            }
+        )
+        model: dict[str, Any] = {"name": lane.model, "deployments": [lane.deployment]}
+        if lane is DOWN_LANE:
+            model["fallbacks"] = [BACKUP_LANE.model]
+        raw["models"].append(model)
+        key: dict[str, Any] = {"api_key_env": lane.key_env}
+        if lane is FLAKY_LANE:
+            key["faults"] = FLAKY_FAULTS
+        if lane is SLOW_STREAM_LANE:
+            key["inter_token_ms"] = SLOW_STREAM_INTER_TOKEN_MS
+        raw["simulator"]["keys"].append(key)
+    raw["resilience"] = {
+        "retry": {"max_attempts": SESSION_MAX_ATTEMPTS},
+        "breaker": {"open_s": SESSION_BREAKER_OPEN_S},
+    }
+    raw["gateway"]["drain_timeout_s"] = SESSION_DRAIN_TIMEOUT_S
+    add_routing_lanes(raw, base)  # issue 6: auto-routing models, the saturation pair
     raw["quota"] = {"queue_max": SESSION_QUOTA_QUEUE_MAX}
     raw["tenants"] = [
         {"name": CAPPED_TENANT, "daily_tokens": CAPPED_DAILY_TOKENS},

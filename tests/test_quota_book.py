@@ -261,6 +261,37 @@ def test_monthly_spend_budget_and_alerts() -> None:
     assert "monthly budget" in refused.message
 
 
+def test_daily_spend_budget_refuses_and_resets_with_the_utc_day() -> None:
+    tenants = [{"name": "t", "daily_budget_usd": 0.5}]
+    price = {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}  # $0.001 a token
+    wall = [0.0]
+    book = QuotaBook(_config({}, tenants=tenants, price=price), wall_ms=lambda: wall[0])
+    g = book.submit([_ask(1, tokens=400, prompt=100)])[0]
+    assert isinstance(g, Grant)
+    book.settle([Settlement(g.lease, 400, prompt_tokens=100, completion_tokens=300)])
+    refused = book.submit([_ask(2, tokens=200, prompt=10)])[0]  # $0.4 + up to $0.2 > $0.5
+    assert isinstance(refused, Refusal)
+    assert refused.code == "quota_exceeded"
+    assert "daily budget" in refused.message
+    assert "$0.4000" in refused.message
+    assert book.snapshot()["tenants"]["t"]["day_used_usd"] == 0.4
+    wall[0] = 86_400_000.0  # the next UTC day
+    assert isinstance(book.submit([_ask(3, tokens=200, prompt=10)])[0], Grant)
+
+
+def test_prompt_cache_hits_are_priced_at_the_cached_input_rate() -> None:
+    from actors._replies import cost_usd
+    from topics.config import Price
+
+    price = Price(input_per_mtok=2.0, output_per_mtok=8.0, cached_input_per_mtok=0.5)
+    full = cost_usd(price, 1000, 100)
+    cached = cost_usd(price, 1000, 100, cached_tokens=600)
+    assert full == (1000 * 2.0 + 100 * 8.0) / 1e6
+    assert cached == (400 * 2.0 + 600 * 0.5 + 100 * 8.0) / 1e6
+    # Without a cached price, cached tokens cost the full input price.
+    assert cost_usd(Price(input_per_mtok=2.0), 1000, 0, cached_tokens=600) == 1000 * 2.0 / 1e6
+
+
 def test_deadline_that_the_limits_cannot_meet_is_refused_at_once() -> None:
     clock = FakeClock()
     book = QuotaBook(_config({"rpm": 1}), clock=clock, wall_ms=lambda: 1_000_000.0)

@@ -44,6 +44,9 @@ class Request(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     task: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     cache: CacheMode = "default"
     metadata: dict[str, Any] | None = None
+    # Extension: models whose worst-case cost (prompt estimate + max_tokens at the
+    # deployment's prices) exceeds this are not used for the request.
+    max_cost_usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
 class _Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):

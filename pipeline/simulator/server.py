@@ -36,7 +36,7 @@ from pipeline.simulator.stats import Lane, Totals
 from pipeline.simulator.text import completion_tokens_for, finish_reason_for, token_pieces
 from pipeline.simulator.validate import BadRequest, ChatRequest, validate_chat_body
 from pipeline.simulator.window import Clock
-from topics.config import SimKey, SimulatorConfig
+from topics.config import SimFaults, SimKey, SimulatorConfig
 from topics.tokens import estimate_prompt_tokens
 
 __all__ = ["Simulator"]
@@ -106,6 +106,17 @@ class Simulator:
                 self._lane(key, model)
         self._totals = Totals()
         self._faults = Faults(config.faults)
+        # Keys with faults of their own (config, or replaced at run time).
+        self._key_faults: dict[str, Faults] = {
+            k.api_key_env: Faults(k.faults) for k in config.keys if k.faults is not None
+        }
+        self._key_timing = {
+            k.api_key_env: (
+                config.ttft_ms if k.ttft_ms is None else k.ttft_ms,
+                config.inter_token_ms if k.inter_token_ms is None else k.inter_token_ms,
+            )
+            for k in config.keys
+        }
         self._seq = itertools.count(1)
         self._request_log: RequestLog | None = None
         self._runner: web.AppRunner | None = None
@@ -122,6 +133,7 @@ class Simulator:
         app.router.add_get("/stats", self._stats)
         app.router.add_post("/stats/reset", self._stats_reset)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_post("/admin/faults", self._set_faults)
         return app
 
     async def start(self, port: int | None = None) -> str:
@@ -215,6 +227,26 @@ class Simulator:
         self.reset_stats()
         return self._json(200, {"status": "reset"})
 
+    async def _set_faults(self, request: web.Request) -> web.Response:
+        """POST /admin/faults `{"api_key_env": ..., "faults": {...} | null}`: a key's faults
+        from now on (null: back to `simulator.faults`). For tests of outages and recovery."""
+        try:
+            raw = msgspec.json.decode(await request.read())
+            env = raw["api_key_env"]
+            faults = (
+                None if raw.get("faults") is None else msgspec.convert(raw["faults"], SimFaults)
+            )
+        except (msgspec.DecodeError, msgspec.ValidationError, KeyError, TypeError) as exc:
+            return self._json(400, {"error": f"expected {{api_key_env, faults}}: {exc}"})
+        if env not in {k.api_key_env for k in self.config.keys}:
+            return self._json(404, {"error": f"no simulator key with api_key_env {env!r}"})
+        if faults is None:
+            self._key_faults.pop(env, None)
+        else:
+            self._key_faults[env] = Faults(faults)
+        self._log.info("sim.faults_set", api_key_env=env, faults=raw.get("faults"))
+        return self._json(200, {"status": "ok"})
+
     async def _models(self, request: web.Request) -> web.Response:
         """GET /v1/models (auth required, as at OpenAI): every model named in the config."""
         headers = {"x-request-id": _request_id()}
@@ -294,7 +326,7 @@ class Simulator:
         lane.tokens_charged += charge
         lane.in_flight += 1
         headers.update(lane.limiter.headers())
-        plan = self._faults.draw()
+        plan = self._key_faults.get(key.api_key_env, self._faults).draw()
         call.fault = plan.name
         if plan.failure is not None:
             self._totals.faults[plan.failure] += 1
@@ -331,6 +363,11 @@ class Simulator:
             headers["retry-after-ms"] = str(rejection.retry_after_ms)
         return self._reply(call, 429, rate_limit_body(req.model, rejection), headers)
 
+    def _timing(self, call: _Call) -> tuple[int, int]:
+        """(time to first token, time between tokens) in ms for the call's key."""
+        cfg = self.config
+        return self._key_timing.get(call.key or "", (cfg.ttft_ms, cfg.inter_token_ms))
+
     def _reply(
         self, call: _Call, status: int, body: bytes, headers: dict[str, str]
     ) -> web.Response:
@@ -341,7 +378,7 @@ class Simulator:
         self, call: _Call, plan: FaultPlan, headers: dict[str, str]
     ) -> web.Response | None:
         """Wait out the time to first token; answer a 500/503 fault instead if drawn."""
-        await _sleep_ms(self.config.ttft_ms + plan.slow_extra_ms)
+        await _sleep_ms(self._timing(call)[0] + plan.slow_extra_ms)
         if plan.failure == "error_500":
             return self._reply(call, 500, server_error_body(), headers)
         if plan.failure == "error_503":
@@ -360,12 +397,13 @@ class Simulator:
         if failed is not None:
             return failed
         cfg = self.config
+        inter_token_ms = self._timing(call)[1]
         n = completion_tokens_for(req.max_tokens, cfg)
         if plan.failure == "drop_mid_stream":
-            await _sleep_ms((n // 2) * cfg.inter_token_ms)
+            await _sleep_ms((n // 2) * inter_token_ms)
             call.completion_tokens = n // 2
             return _drop(request, call)
-        await _sleep_ms(n * cfg.inter_token_ms)
+        await _sleep_ms(n * inter_token_ms)
         call.completion_tokens = n
         prompt = call.prompt_tokens or 0
         text = "".join(token_pieces(req.model, req.messages, n))
@@ -424,7 +462,8 @@ class Simulator:
         call.status = 200
         try:
             await response.prepare(request)
-            await _sleep_ms(cfg.ttft_ms + plan.slow_extra_ms)
+            ttft_ms, inter_token_ms = self._timing(call)
+            await _sleep_ms(ttft_ms + plan.slow_extra_ms)
             await response.write(chunk(_Delta(role="assistant", content="")))
             # A drop cuts after about half the tokens (n // 2 < n, so always inside them).
             cut = n // 2 if plan.failure == "drop_mid_stream" else None
@@ -433,7 +472,7 @@ class Simulator:
                     _drop(request, call)
                     return response
                 if i:
-                    await _sleep_ms(cfg.inter_token_ms)
+                    await _sleep_ms(inter_token_ms)
                 await response.write(chunk(_Delta(content=piece)))
                 call.completion_tokens = i + 1
             await response.write(chunk(_Delta(), finish_reason_for(req.max_tokens, cfg)))
