@@ -1,95 +1,129 @@
-"""Exact-match response cache: canonical request hash, eligibility policy, bounded LRU + TTL.
+"""The exact-match store of one cache shard: bounded LRU with a TTL per model, and replay.
 
-The key hashes everything in the body that can change the answer (all fields but the
-transport ones in `_NOT_IN_KEY`) plus the resolved public model and the tenant, so one
-tenant's answers are never served to another. Only requests at or below
-`cache.max_temperature` are stored: a sampled answer replayed would hide the variation
-the client asked for.
+Keys and eligibility are in `actors._cache_keys` (re-exported here). Entries expire
+`cache.ttl_s_by_model[model]` (else `cache.ttl_s`) seconds after they were stored; a
+shard holds at most `max_entries` entries and `max_bytes` bytes, and the least recently
+used entry goes first when a new one does not fit. Only answers a replay reproduces are
+stored (`storable`): text content with a final finish reason, no tool calls.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Literal
 
-import msgspec
-
+from actors._cache_keys import cache_key, cacheable
 from actors._messages import CacheEntry
 from actors._replies import ReplyStream
 from topics.config import CacheConfig
 from topics.wire import Request, Timing
 
-__all__ = ["ExactCache", "cache_key", "cacheable", "replay"]
+__all__ = ["CacheKind", "DropReason", "ExactCache", "cache_key", "cacheable", "replay", "storable"]
 
-# Fields that shape delivery, not the answer.
-_NOT_IN_KEY: Final = frozenset({"stream", "stream_options", "user", "metadata", "store", "model"})
-_CANON: Final = msgspec.json.Encoder(order="sorted")
-# OpenAI's default when a request omits temperature.
-_DEFAULT_TEMPERATURE: Final = 1.0
-
-
-def cacheable(request: Request, config: CacheConfig) -> bool:
-    """May this request be looked up in and stored to the exact cache?"""
-    if not config.enabled or request.cache == "bypass":
-        return False
-    body = request.request
-    temperature = body.get("temperature", _DEFAULT_TEMPERATURE)
-    if not isinstance(temperature, int | float) or temperature > config.max_temperature:
-        return False
-    return bool(body.get("n", 1) == 1)
+CacheKind = Literal["exact", "semantic"]
+DropReason = Literal["evicted", "expired"]
+# Finish reasons whose answer is not (only) the text: a replay of the text would be wrong.
+_NOT_REPLAYABLE: Final = frozenset({"tool_calls", "function_call"})
 
 
-def cache_key(request: Request, model: str) -> str:
-    """Hash of the canonical form of everything that changes the answer."""
-    body = {k: v for k, v in request.request.items() if k not in _NOT_IN_KEY}
-    canon = _CANON.encode({"tenant": request.tenant, "model": model, "body": body})
-    return hashlib.sha256(canon).hexdigest()
+def storable(entry: CacheEntry) -> bool:
+    """Is `entry` an answer a replay reproduces (text content, final, no tool calls)?"""
+    return (
+        not entry.failed
+        and bool(entry.text)
+        and entry.finish_reason is not None
+        and entry.finish_reason not in _NOT_REPLAYABLE
+    )
 
 
 class ExactCache:
-    """Bounded by entries and bytes; least recently used goes first; entries expire by TTL."""
+    """Bounded by entries and bytes; least recently used goes first; entries expire by TTL.
 
-    def __init__(self, config: CacheConfig, *, clock: Callable[[], float] = time.time) -> None:
+    `on_drop(key, reason)` hears of every entry forgotten other than by being replaced
+    (the shard removes it from the semantic index and tombstones it on the topic).
+    """
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_drop: Callable[[str, DropReason], None] | None = None,
+    ) -> None:
         self._ttl = config.ttl_s
+        self._ttl_by_model = dict(config.ttl_s_by_model)
         self._max_entries = config.max_entries
         self._max_bytes = config.max_bytes
         self._clock = clock
+        self._on_drop = on_drop
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self.bytes = 0
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.expirations = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str) -> CacheEntry | None:
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def ttl_s(self, model: str) -> float:
+        return self._ttl_by_model.get(model, self._ttl)
+
+    def expired(self, entry: CacheEntry) -> bool:
+        return self._clock() - entry.stored_at > self.ttl_s(entry.model)
+
+    def get(self, key: str, *, count: bool = True) -> CacheEntry | None:
+        """The live entry for `key` (now the most recently used), or None.
+
+        `count=False`: a second look within one lookup, not counted as a hit or miss."""
         entry = self._entries.get(key)
+        if entry is not None and self.expired(entry):
+            self._forget(key, "expired")
+            entry = None
         if entry is None:
-            self.misses += 1
-            return None
-        if self._clock() - entry.stored_at > self._ttl:
-            self._drop(key)
-            self.misses += 1
+            self.misses += count
             return None
         self._entries.move_to_end(key)
-        self.hits += 1
+        self.hits += count
         return entry
 
-    def put(self, entry: CacheEntry) -> None:
+    def put(self, entry: CacheEntry) -> bool:
+        """Store `entry` (replacing one with its key); False if it can never fit.
+        Evicts least recently used entries until the bounds hold."""
         if entry.size_bytes > self._max_bytes:
-            return
+            return False
         if entry.key in self._entries:
             self._drop(entry.key)
         self._entries[entry.key] = entry
         self.bytes += entry.size_bytes
         while len(self._entries) > self._max_entries or self.bytes > self._max_bytes:
-            oldest = next(iter(self._entries))
-            self._drop(oldest)
+            self._forget(next(iter(self._entries)), "evicted")
+        return True
+
+    def sweep(self) -> int:
+        """Forget every expired entry now; returns how many."""
+        gone = [k for k, e in self._entries.items() if self.expired(e)]
+        for k in gone:
+            self._forget(k, "expired")
+        return len(gone)
+
+    def entries(self) -> list[CacheEntry]:
+        """Every entry held, least recently used first."""
+        return list(self._entries.values())
+
+    def _forget(self, key: str, reason: DropReason) -> None:
+        self._drop(key)
+        if reason == "evicted":
             self.evictions += 1
+        else:
+            self.expirations += 1
+        if self._on_drop is not None:
+            self._on_drop(key, reason)
 
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key)
@@ -102,16 +136,30 @@ class ExactCache:
             "hits": self.hits,
             "misses": self.misses,
             "evictions": self.evictions,
+            "expirations": self.expirations,
         }
 
 
 async def replay(
-    entry: CacheEntry, request: Request, out: ReplyStream, *, received_ms: float
+    entry: CacheEntry,
+    request: Request,
+    out: ReplyStream,
+    *,
+    received_ms: float,
+    kind: CacheKind = "exact",
 ) -> None:
-    """Answer `request` from `entry` as a fresh call would: chunks or a completion, then done."""
+    """Answer `request` from `entry` as a fresh call would: chunks (the whole text in one,
+    then the finish reason, then usage if `stream_options.include_usage`) or a completion,
+    then `done` with `cache` = `kind`, no deployment, no attempt and no cost."""
     created = int(entry.stored_at)
     rid = f"chatcmpl-cache-{entry.key[:24]}"
-    if request.request.get("stream"):
+    usage = {
+        "prompt_tokens": entry.prompt_tokens,
+        "completion_tokens": entry.completion_tokens,
+        "total_tokens": entry.prompt_tokens + entry.completion_tokens,
+    }
+    body = request.request
+    if body.get("stream"):
         base = {
             "id": rid,
             "object": "chat.completion.chunk",
@@ -134,6 +182,9 @@ async def replay(
         await out.chunk(
             {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": entry.finish_reason}]}
         )
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            await out.chunk({**base, "choices": [], "usage": usage})
     else:
         await out.completion(
             {
@@ -148,11 +199,7 @@ async def replay(
                         "finish_reason": entry.finish_reason,
                     }
                 ],
-                "usage": {
-                    "prompt_tokens": entry.prompt_tokens,
-                    "completion_tokens": entry.completion_tokens,
-                    "total_tokens": entry.prompt_tokens + entry.completion_tokens,
-                },
+                "usage": usage,
             }
         )
         first_ms = time.time() * 1000.0
@@ -163,7 +210,7 @@ async def replay(
         completion_tokens=entry.completion_tokens,
         model=entry.model,
         deployment=None,
-        cache="exact",
+        cache=kind,
         attempts=0,
         cost=0.0,
         timing=Timing(

@@ -199,8 +199,6 @@ class Finished(msgspec.Struct, frozen=True):
     next_seq: int = 0
     retry_after_ms: int = 0
     deployment: str | None = None
-    # Chunks of the failed attempt reached the reply topic (a `reset` was sent after them).
-    sent_chunks: bool = False
 
 
 class CacheEntry(msgspec.Struct, frozen=True):
@@ -215,10 +213,17 @@ class CacheEntry(msgspec.Struct, frozen=True):
     model: str
     stored_at: float
     extra: dict[str, Any] | None = None
+    # From a caller: the call whose answer this key waited for ended without one (an
+    # error): requests waiting for it (single flight) run themselves; nothing is stored.
+    failed: bool = False
+    # Filled in by the cache shard: the semantic scope and the last user turn's text.
+    scope: str | None = None
+    prompt: str | None = None
 
     @property
     def size_bytes(self) -> int:
-        return len(self.key) + len(self.text.encode()) + 256
+        prompt = len(self.prompt.encode()) if self.prompt else 0
+        return len(self.key) + len(self.text.encode()) + prompt + 256
 
 
 class CacheLookup(msgspec.Struct, frozen=True):
@@ -229,3 +234,5 @@ class CacheLookup(msgspec.Struct, frozen=True):
     request: Request
     reply_to: str
     received_ms: float
+    # The resolved public model (semantic thresholds and TTL are per model).
+    model: str = ""

@@ -56,6 +56,22 @@ def _cost(
     return cost_usd(price, prompt_tokens, completion_tokens, cached_tokens)
 
 
+def _freeze_s(obs: Observation, default_s: float) -> float:
+    """How long a 429 freezes a deployment: `retry-after(-ms)`, else the reset of the limit
+    the provider says is used up (`x-ratelimit-remaining-* == 0`), else the default."""
+    if obs.retry_after_ms is not None:
+        return obs.retry_after_ms / 1000.0
+    resets = [
+        reset
+        for remaining, reset in (
+            (obs.remaining_requests, obs.reset_requests_s),
+            (obs.remaining_tokens, obs.reset_tokens_s),
+        )
+        if remaining == 0 and reset is not None
+    ]
+    return max(resets) if resets else default_s
+
+
 @dataclass
 class DeploymentBuckets:
     """The live limits of one deployment: request windows, token windows, concurrency."""
@@ -299,6 +315,8 @@ class _Lease:
     tpm_used: int
     # Granted while the deployment's breaker was half-open: this call is a probe.
     probe: bool = False
+    # The caller reported when the call really left (quantized deployments).
+    confirmed: bool = False
 
 
 @dataclass(order=True)
@@ -338,6 +356,10 @@ class QuotaBook:
             for d in config.deployments
         }
         self._ttft_alpha = q.ttft_ewma_alpha
+        # A grant on a quantized deployment holds its 1 s windows until the caller reports
+        # the real send (then they count from it), at most this long: a call that leaves a
+        # second late cannot let the next one into the same provider second.
+        self._unconfirmed_hold_s = q.unconfirmed_hold_ms / 1000.0
         self._tenant_cfg = {t.name: t for t in config.tenants}
         self.tenants: dict[str, TenantBuckets] = {}
         self._queues: dict[tuple[int, str], list[_Waiting]] = {}
@@ -553,6 +575,10 @@ class QuotaBook:
         dep.breaker.started(now)
         lease = next(self._lease_ids)
         recorded_ms = self._wall_ms() + pace * 1000.0
+        if dep.short:
+            for w, e in (*request_entries, *entries):
+                if id(w) in dep.short:
+                    e.expires_at += self._unconfirmed_hold_s
         self._leases[lease] = _Lease(
             deployment=dep,
             tenant=tenant,
@@ -736,6 +762,7 @@ class QuotaBook:
                     touched.add(t.name)
                 continue
             dep, tenant = lease.deployment, lease.tenant
+            self._release_hold(lease, now)
             dep.in_flight = max(0, dep.in_flight - 1)
             delta = s.used_tokens - lease.reserved_tokens
             for w, entry in lease.token_entries:
@@ -771,16 +798,34 @@ class QuotaBook:
             dep.ttft_ewma_ms = s.ttft_ms if prev is None else a * s.ttft_ms + (1 - a) * prev
 
     def sent_late(self, reports: Iterable[tuple[int, float]]) -> None:
-        """(lease, wall ms it was really sent): move its entries to that time."""
+        """(lease, wall ms it was really sent): its entries count from then.
+
+        Callers report every send on quantized deployments (late ones at once): the 1 s
+        windows, held since the grant, now expire a second after the real send; the
+        longer ones move by the delay."""
         now = self._clock()
         for lease_id, sent_ms in reports:
             lease = self._leases.get(lease_id)
-            if lease is None:
+            if lease is None or lease.confirmed:
                 continue
+            lease.confirmed = True
             delay_s = (sent_ms - lease.recorded_ms) / 1000.0
+            short = lease.deployment.short
             for w, entry in lease.own_entries:
-                w.postpone(entry, delay_s, now)
+                if id(w) in short:
+                    # Recorded at `opened_at` (the planned send), really sent delay_s later.
+                    w.expire_at(entry, entry.opened_at + w.span_s + max(0.0, delay_s), now)
+                else:
+                    w.postpone(entry, delay_s, now)
             lease.recorded_ms = max(lease.recorded_ms, sent_ms)
+
+    def _release_hold(self, lease: _Lease, now: float) -> None:
+        """A lease settled without a send report: its 1 s windows count as sent now."""
+        if lease.confirmed or not lease.deployment.short:
+            return
+        for w, entry in lease.own_entries:
+            if id(w) in lease.deployment.short:
+                w.expire_at(entry, now + w.span_s, now)
 
     def _observe(self, lease: _Lease, obs: Observation, now: float) -> None:
         dep = lease.deployment
@@ -790,11 +835,7 @@ class QuotaBook:
         elif obs.refused == "rate_limited":
             dep.upstream_429s += 1
             self.upstream_429s += 1
-            wait_s = (
-                obs.retry_after_ms / 1000.0
-                if obs.retry_after_ms is not None
-                else self._freeze_default_s
-            )
+            wait_s = _freeze_s(obs, self._freeze_default_s)
             dep.frozen_until = max(dep.frozen_until, now + wait_s)
             self.events.append(
                 {"event": "upstream_429", "deployment": dep.name, "frozen_s": wait_s}

@@ -61,6 +61,9 @@ class Outcome:
     retry_after_ms: int = 0
     # A terminal error that a resend may fix (not kept for idempotent replay).
     retryable: bool = False
+    # status "done": what the done reply said (for the callers' metrics).
+    timing: Timing | None = None
+    cost_usd: float = 0.0
 
 
 class _Failure(Exception):
@@ -464,6 +467,12 @@ class Upstream:
         self, job: Job, dep: Deployment, out: ReplyStream, o: Outcome, first_ms: float | None
     ) -> None:
         now_ms = time.time() * 1000.0
+        o.cost_usd = cost_usd(dep.price, o.prompt_tokens, o.completion_tokens, o.cached_tokens)
+        o.timing = Timing(
+            queued_ms=round(job.grant.queued_ms, 3),
+            ttft_ms=None if first_ms is None else round(first_ms - job.received_ms, 3),
+            total_ms=round(now_ms - job.received_ms, 3),
+        )
         await out.done(
             finish_reason=o.finish_reason,
             prompt_tokens=o.prompt_tokens,
@@ -471,12 +480,8 @@ class Upstream:
             model=job.model,
             deployment=dep.name,
             attempts=job.attempt,
-            cost=cost_usd(dep.price, o.prompt_tokens, o.completion_tokens, o.cached_tokens),
-            timing=Timing(
-                queued_ms=round(job.grant.queued_ms, 3),
-                ttft_ms=None if first_ms is None else round(first_ms - job.received_ms, 3),
-                total_ms=round(now_ms - job.received_ms, 3),
-            ),
+            cost=o.cost_usd,
+            timing=o.timing,
             metadata=job.request.metadata,
         )
 

@@ -107,6 +107,15 @@ class SlidingWindow:
         if delay_s > 0 and entry.expires_at > now:
             entry.expires_at += delay_s
 
+    def expire_at(self, entry: Entry, at: float, now: float) -> None:
+        """Let a held entry expire at `at` (earlier or later than it would have).
+
+        An entry moved earlier behind one that expires later still waits for it (expiry
+        is from the left): the window only errs on the safe side.
+        """
+        if entry.expires_at > now:
+            entry.expires_at = max(at, now)
+
     def free_at(self, amount: int, now: float) -> float | None:
         """Earliest time `amount` fits, if nothing else is added; None if it never can."""
         if amount > self.limit:

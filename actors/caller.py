@@ -18,6 +18,7 @@ from typing import Any
 import ray
 import structlog
 
+from actors._histogram import LatencySet, Tally
 from actors._idempotency import IdemRecord
 from actors._kafka import make_producer
 from actors._messages import CacheEntry, Finished, Job, Settlement
@@ -73,6 +74,12 @@ class Caller:
         self._late: list[tuple[int, float]] = []
         self._flush_now = asyncio.Event()
         self.calls = 0
+        # For /metrics (see `stats`): terminal outcomes by (status, model); per model of
+        # the successes: cost, (model, kind) tokens and latency histograms.
+        self._outcomes = Tally()
+        self._cost_usd: dict[str, float] = {}
+        self._tokens = Tally()
+        self._latency: dict[str, LatencySet] = {}
 
     def _peers(self) -> tuple[Any, list[Any], list[Any]]:
         if self._quota is None:
@@ -161,11 +168,11 @@ class Caller:
                 bound.exception("terminal_reply_failed")
                 return
         # A failed call keeps its whole reservation: the provider may have charged it.
-        used = (
-            max(job.prompt_tokens, outcome.prompt_tokens) + outcome.completion_tokens
-            if outcome.status == "done"
-            else job.grant.reserved_tokens
-        )
+        # One never made (its deadline had passed) gives it all back.
+        if outcome.status == "done":
+            used = max(job.prompt_tokens, outcome.prompt_tokens) + outcome.completion_tokens
+        else:
+            used = job.grant.reserved_tokens if outcome.upstream_calls else 0
         self._settle.append(
             Settlement(
                 job.grant.lease,
@@ -180,7 +187,8 @@ class Caller:
                 cached_tokens=outcome.cached_tokens,
             )
         )
-        if outcome.status == "done" and job.cache_key is not None:
+        # A failed call reports too: requests waiting for this answer then run themselves.
+        if outcome.status != "retry" and job.cache_key is not None:
             self._puts.append(
                 CacheEntry(
                     key=job.cache_key,
@@ -191,11 +199,13 @@ class Caller:
                     upstream_model=outcome.upstream_model,
                     model=job.model,
                     stored_at=time.time(),
+                    failed=outcome.status != "done",
                 )
             )
         bound.info(
             "request_finished", status=outcome.status, completion_tokens=outcome.completion_tokens
         )
+        self._record(job, outcome)
         finished = Finished(
             job.ticket,
             outcome.status,
@@ -203,7 +213,6 @@ class Caller:
             next_seq=out.seq,
             retry_after_ms=outcome.retry_after_ms,
             deployment=job.grant.deployment,
-            sent_chunks=out.seq > job.start_seq,
         )
         if outcome.status == "retry" or out.recorded is None:
             self._release(owner, finished)
@@ -215,6 +224,24 @@ class Caller:
                 IdemRecord(request_id=req.id, replies=out.recorded, finished_ms=time.time() * 1e3)
             )
         self._held.append((owner, finished))
+
+    def _record(self, job: Job, o: Outcome) -> None:
+        """Count a terminal outcome for the metrics endpoint (a retry is none yet)."""
+        if o.status == "retry":
+            return
+        self._outcomes.add(o.status, job.model)
+        if o.status != "done":
+            return
+        self._cost_usd[job.model] = self._cost_usd.get(job.model, 0.0) + o.cost_usd
+        self._tokens.add(job.model, "prompt", n=o.prompt_tokens)
+        self._tokens.add(job.model, "completion", n=o.completion_tokens)
+        if o.timing is not None:
+            self._latency.setdefault(job.model, LatencySet()).observe(
+                queued_ms=o.timing.queued_ms,
+                ttft_ms=o.timing.ttft_ms,
+                total_ms=o.timing.total_ms,
+                upstream_ttft_ms=o.upstream_ttft_ms,
+            )
 
     def _release(self, owner: str, finished: Finished) -> None:
         self._finished.setdefault(owner, []).append(finished)
@@ -258,17 +285,18 @@ class Caller:
         return len(tasks)
 
     def _request_sent(self, request_id: str) -> None:
-        """The HTTP request of a paced call is leaving now: report it if it is late."""
+        """The HTTP request of a paced call is leaving now: report it (the quota actor
+        treats a grant as leaving "now" until its report arrives), at once if late."""
         paced = self._paced.pop(request_id, None)
         if paced is None:
             return
         lease, not_before_ms = paced
         sent_ms = time.time() * 1000.0
+        self._late.append((lease, sent_ms))
         if sent_ms - not_before_ms > self._late_ms:
             # The next grant on this deployment must count from now: say so at once,
             # not with the next flush. (A first call in a process is typically ~100 ms
             # late inside the SDK, more under load.)
-            self._late.append((lease, sent_ms))
             self._flush_now.set()
 
     async def finished(self, owner: str, timeout_s: float) -> list[Finished]:
@@ -344,12 +372,18 @@ class Caller:
             log.warning("idempotency_store_failed", results=len(puts), ended=len(ends))
 
     async def stats(self) -> dict[str, Any]:
+        """Counters since this incarnation started; `requests`: ((status, model), n) pairs,
+        `tokens`: ((model, kind), n) pairs, `latency`: per model, `LatencySet.snapshot()`."""
         return {
             "caller": self.index,
             "in_flight": len(self._tasks),
             "calls": self.calls,
             "incarnation": self.incarnation,
             "pid": os.getpid(),
+            "requests": self._outcomes.rows(),
+            "cost_usd": dict(self._cost_usd),
+            "tokens": self._tokens.rows(),
+            "latency": {model: s.snapshot() for model, s in self._latency.items()},
         }
 
     async def drain(self, timeout_s: float) -> int:

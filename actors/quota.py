@@ -201,9 +201,10 @@ class QuotaService:
         return n
 
     async def sent_late(self, reports: list[tuple[int, float]]) -> None:
-        """Callers report paced calls that went out late; see `QuotaBook.sent_late`."""
+        """Callers report when paced calls really left; see `QuotaBook.sent_late`."""
         await self._ensure_started()
         self.book.sent_late(reports)
+        self._wake.set()  # a held second may be free now
 
     async def _publish(self, events: list[dict[str, Any]]) -> None:
         topic = self._config.topics.events

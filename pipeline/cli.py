@@ -133,6 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     settings = settings_from(
+        config.frontdoor,
         host=args.host,
         port=args.port,
         reply_topic=args.reply_topic,
@@ -229,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from pipeline._frontdoor_settings import FrontDoorSettings
 
-    door = FrontDoorSettings()
+    door = FrontDoorSettings()  # the defaults; the config's `frontdoor` section overrides them
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP front door (/v1/chat/completions)")
     v.add_argument("--config", required=True)
     v.add_argument("--host", help=f"listen address (default {door.host})")

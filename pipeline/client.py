@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from pipeline._resume import ResetFilter
 from topics.errors import QuotaflowError
 from topics.specs import REPLY_DECODER, REQUEST_ENCODER
 from topics.wire import (
@@ -219,13 +220,26 @@ class QuotaflowClient:
             raise
 
     async def stream(
-        self, body: Mapping[str, Any] | Request, *, timeout_s: float | None = None, **fields: Any
+        self,
+        body: Mapping[str, Any] | Request,
+        *,
+        timeout_s: float | None = None,
+        coherent: bool = True,
+        **fields: Any,
     ) -> AsyncIterator[Reply]:
-        """Send a request and yield its replies until (and including) the terminal one."""
+        """Send a request and yield its replies until (and including) the terminal one.
+
+        `coherent`: when a retry restarts a stream (`reset`) and repeats what was already
+        yielded, the repeat is dropped and only the new text comes: one answer, as if
+        nothing happened. A `ResetReply` is yielded only when the retry says something
+        else (discard what was shown). `coherent=False` yields the replies as they are.
+        """
         request = body if isinstance(body, Request) else self.build(body, **fields)
         await self.send(request)
+        resets = ResetFilter() if coherent else None
         async for reply in self.replies(request.id, timeout_s=timeout_s):
-            yield reply
+            for out in resets.feed(reply) if resets is not None else (reply,):
+                yield out
 
     def replies(self, request_id: str, *, timeout_s: float | None = None) -> AsyncIterator[Reply]:
         """The replies of `request_id` until the terminal one; registers for them at once.
@@ -256,7 +270,7 @@ class QuotaflowClient:
         request = body if isinstance(body, Request) else self.build(body, **fields)
         replies: list[Reply] = []
         parts: list[str] = []
-        async for reply in self.stream(request, timeout_s=timeout_s):
+        async for reply in self.stream(request, timeout_s=timeout_s, coherent=False):
             replies.append(reply)
             if isinstance(reply, ResetReply):
                 parts.clear()

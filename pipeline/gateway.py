@@ -29,7 +29,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
-from actors._exact_cache import cache_key, cacheable
+from actors._cache_flight import Digest, FlightWatch
+from actors._cache_keys import cache_key, cacheable, tenant_scope
+from actors._histogram import Tally
 from actors._idempotency import RERUN_SEQ_STRIDE, IdemClaim
 from actors._kafka import make_producer, send_retrying
 from actors._messages import (
@@ -128,6 +130,9 @@ class GatewayStats:
     # Requests run again because the caller running them died (upstream calls repeated).
     crash_reruns: int = 0
     aborted_at_shutdown: int = 0
+    # Terminal answers by (source "ingress" | "cache", status, public model or ""), for
+    # /metrics: what the ingress answered itself, and the cache hits.
+    outcomes: Tally = field(default_factory=Tally)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -180,6 +185,8 @@ class Gateway:
         self._upstream_model = {d.name: d.model for d in config.deployments}
         self._prompt_counter = PromptCounter(self._upstream_model.values())
         self.stats = GatewayStats()
+        # Single flight: this ingress's cache leaders and followers, per shard.
+        self._flight_watch = FlightWatch()
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
 
@@ -484,27 +491,117 @@ class Gateway:
             routed.append(route.ticket)
             # A re-run continues at a later seq; a cache replay would start at 0.
             if self.actors.caches and p.seq == 0 and cacheable(p.request, self.config.cache):
-                p.cache_key = cache_key(p.request, route.model)
+                scope = tenant_scope(p.request.tenant, self.config.cache)
+                p.cache_key = cache_key(
+                    p.request, route.model, scope=scope, semantic=self.config.cache.semantic.enabled
+                )
                 shard = shard_of(p.cache_key, len(self.actors.caches))
                 lookups.setdefault(shard, []).append(
-                    CacheLookup(route.ticket, p.cache_key, p.request, p.reply_to, p.received_ms)
+                    CacheLookup(
+                        route.ticket,
+                        p.cache_key,
+                        p.request,
+                        p.reply_to,
+                        p.received_ms,
+                        model=route.model,
+                    )
                 )
         if answers:
             await asyncio.gather(*answers)
-        hits: set[int] = set()
-        if lookups:
-            results = await asyncio.gather(
-                *(self.actors.caches[s].lookup.remote(items) for s, items in lookups.items())
-            )
-            for tickets in results:
-                hits.update(tickets)
-            for t in hits:
-                self.stats.cache_hits += 1
-                self._finish(t)
+        # Answered from cache, or waiting for an identical request in flight.
+        hits: set[int] = await self._cache_lookup(lookups) if lookups else set()
         asks = [self._ask(t) for t in routed if t not in hits]
         if asks:
             decisions = await self.actors.quota.submit.remote(asks)
             await self._decided(decisions)
+
+    # -- cache: hits and single flight (actors/_cache_flight.py) ------------------------
+
+    def _cache_hit(self, ticket: int) -> None:
+        p = self._pending.get(ticket)
+        if p is None:
+            return
+        self.stats.cache_hits += 1
+        self.stats.outcomes.add("cache", "done", p.model or "")
+        self._finish(ticket)
+
+    def _cache_news(self, news: Digest) -> list[int]:
+        """Finish the answered followers; returns those that must run upstream (a failed
+        replay continues past its seqs, after a reset)."""
+        for t in news.answered:
+            self._cache_hit(t)
+        for r in news.rerun:
+            p = self._pending.get(r.ticket)
+            if p is not None:
+                p.seq = r.next_seq
+                p.reset_first = True
+        return [*news.run, *(r.ticket for r in news.rerun)]
+
+    async def _cache_lookup(self, lookups: dict[int, list[CacheLookup]]) -> set[int]:
+        """One `lookup` per shard; returns the tickets that go no further now (answered
+        from cache, or followers waiting for a leader). A shard that fails leaves its
+        items to run upstream as misses."""
+        shards = self.actors.caches
+        watch = self._flight_watch
+        if not watch.started:
+            watch.started = True
+            for i in range(len(shards)):
+                self._spawn(
+                    self._keep_going(
+                        f"cache-flights-{i}", functools.partial(self._cache_flight_step, i)
+                    )
+                )
+        results = await asyncio.gather(
+            *(shards[s].lookup.remote(self.owner, items) for s, items in lookups.items()),
+            return_exceptions=True,
+        )
+        held: set[int] = set()
+        for (s, items), res in zip(lookups.items(), results, strict=True):
+            if isinstance(res, BaseException):
+                if not isinstance(res, ray.exceptions.RayError):
+                    raise res
+                log.warning("cache_lookup_failed", shard=s, error=repr(res))
+                continue
+            # Hits, then followers whose news came before this reply: those to run go
+            # on to quota with the leaders (not held).
+            early = watch.follow(s, res.incarnation, res.followers)
+            run = self._cache_news(Digest(res.answered, early.run, [*res.rerun, *early.rerun]))
+            self._cache_news(Digest(early.answered))
+            decided = {*res.answered, *res.followers, *(r.ticket for r in res.rerun)}
+            held.update(decided.difference(run))
+            for item in items:
+                p = self._pending.get(item.ticket)
+                if item.ticket not in decided and p is not None:
+                    watch.lead(s, item.ticket, item.key, p)
+        return held
+
+    async def _cache_flight_step(self, shard: int) -> None:
+        """Long poll one shard for this ingress's followers: finish the answered ones,
+        send upstream those whose leader gave no answer to replay."""
+        timeout = self.config.quota.grant_poll_timeout_s
+        watch = self._flight_watch
+        gone, dropped = watch.report(shard, self._pending)
+        try:
+            news = await self.actors.caches[shard].flight_news.remote(
+                self.owner, timeout, gone, dropped
+            )
+        except ray.exceptions.RayActorError:
+            log.warning("cache_actor_unavailable", shard=shard, followers=watch.followers(shard))
+            await self._run_followers(watch.lost(shard, None))
+            await asyncio.sleep(timeout)
+            return
+        await self._run_followers(self._cache_news(watch.digest(shard, news, self._pending)))
+
+    async def _run_followers(self, tickets: list[int]) -> None:
+        """Followers with no answer to replay go upstream themselves (through quota)."""
+        todo = [t for t in tickets if t in self._pending and t not in self._dispatched]
+        if not todo:
+            return
+        log.info("cache_followers_run", count=len(todo))
+        try:
+            await self._decided(await self.actors.quota.submit.remote([self._ask(t) for t in todo]))
+        except ray.exceptions.RayError as exc:
+            await self._fail_stage({t: self._pending[t] for t in todo if t in self._pending}, exc)
 
     def _max_tokens(self, body: dict[str, Any]) -> int:
         return int(
@@ -853,6 +950,7 @@ class Gateway:
                 "terminal_reply_failed", request_id=p.request.id, topic=p.reply_to, error=repr(err)
             )
         self.stats.answered_by_ingress += 1
+        self.stats.outcomes.add("ingress", code, p.model or "")
         self._finish(ticket)
 
     async def _answer_record(
@@ -868,6 +966,7 @@ class Gateway:
         )
         out = self._stream_for(req.id, req.reply_to or self.config.topics.responses, req.tenant)
         await out.error(exc.code, exc.message, metadata=req.metadata)
+        self.stats.outcomes.add("ingress", exc.code, "")
         self._offsets.done(TopicPartition(rec.topic, rec.partition), rec.offset)
 
     async def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], exc: InvalidRequest) -> None:
@@ -877,6 +976,7 @@ class Gateway:
         be neither dead-lettered nor answered must not come back after every restart.
         """
         self.stats.invalid += 1
+        self.stats.outcomes.add("ingress", "invalid_request", "")
         topics = self.config.topics
         source = f"{rec.topic}/{rec.partition}/{rec.offset}"
         try:

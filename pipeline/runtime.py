@@ -11,6 +11,7 @@ import ray
 import structlog
 
 from pipeline.gateway import Gateway
+from pipeline.metrics import MetricsServer, start_metrics
 from topics.config import Config, resolve_secret
 from topics.errors import QuotaflowError
 from topics.logs import configure_logging
@@ -54,8 +55,10 @@ async def run_gateway(config: Config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, gateway.stop)
+    metrics: MetricsServer | None = None
     try:
         await gateway.start()
+        metrics = start_metrics(config.metrics, gateway)  # logs `metrics_listening`
         # The Ray address lets `RAY_ADDRESS=... quotaflow status` find this gateway's actors.
         address = ray.get_runtime_context().gcs_address
         print(
@@ -64,6 +67,8 @@ async def run_gateway(config: Config) -> int:
         )
         await gateway.run()
     finally:
+        if metrics is not None:
+            metrics.close()  # before Ray goes: a scrape calls the actors
         await gateway.close()
         ray.shutdown()
     log.info("gateway_stopped", stats=vars(gateway.stats))

@@ -87,6 +87,8 @@ def sim_config_dict(
             **dict(sim or {}),
         },
         "gateway": dict(gateway or {}),
+        # Any free port: local stacks side by side must not fight over the default one.
+        "metrics": {"port": 0},
     }
     cfg.update(extra or {})
     return cfg

@@ -127,12 +127,47 @@ def _render(status: dict[str, Any], console: Console) -> None:
             str(t["monthly_budget_usd"] or "-"),
         )
     console.print(tenants)
+    _render_caches(status.get("caches") or [], console)
     console.print(
         f"grants/s {q['grants_per_s']}  grants {q['grants_total']}  "
         f"refusals {q['refusals_total']}  queue {q['queue_depth']}  leases {q['leases']}  "
         f"upstream 429s {q['upstream_429s']}  "
         f"in flight {sum(c.get('in_flight', 0) for c in status['callers'])}"
     )
+
+
+def _render_caches(caches: list[dict[str, Any]], console: Console) -> None:
+    """One row per cache shard: size, hit rates, lookup latency, single flight."""
+    if not caches:
+        return
+    table = Table(title="cache shards", title_justify="left")
+    columns = ("shard", "entries", "MiB", "lookups", "exact hit %", "semantic hit %")
+    for col in (*columns, "lookup ms p50/p99", "in flight / waiting", "evicted", "pid"):
+        table.add_column(col)
+
+    def pct(rate: float | None) -> str:
+        return "-" if rate is None else f"{100 * rate:.1f}"
+
+    def dash(value: float | None) -> str:
+        return "-" if value is None else str(value)
+
+    for c in caches:
+        if "error" in c:
+            table.add_row(str(c["shard"]), f"unavailable ({c['error']})", *[""] * 8)
+            continue
+        table.add_row(
+            str(c["shard"]),
+            str(c["entries"]),
+            f"{c['bytes'] / 2**20:.2f}",
+            str(c["lookups"]),
+            pct(c["hit_rate_exact"]),
+            pct(c["hit_rate_semantic"]) if "semantic" in c else "off",
+            f"{dash(c['lookup_ms_p50'])} / {dash(c['lookup_ms_p99'])}",
+            f"{c['flights']} / {c['followers_waiting']}",
+            str(c["evictions"]),
+            str(c["pid"]),
+        )
+    console.print(table)
 
 
 def print_status(config: Config, *, as_json: bool, watch_s: float | None) -> int:

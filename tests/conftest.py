@@ -20,6 +20,8 @@ import pytest
 from pipeline.client import QuotaflowClient
 from pipeline.kafka_local import LocalKafka, free_port
 from pipeline.stack import GatewayProcess, sim_config_dict, write_config
+from tests._cache_stack import add_cache_lanes
+from tests._metrics_stack import add_metrics_lane
 from tests._routing_stack import add_routing_lanes
 from topics.config import Config
 
@@ -243,6 +245,8 @@ def stack_config(kafka_bootstrap: str, stack_dir: Path) -> tuple[Config, Path]:
     }
     raw["gateway"]["drain_timeout_s"] = SESSION_DRAIN_TIMEOUT_S
     add_routing_lanes(raw, base)  # issue 6: auto-routing models, the saturation pair
+    add_metrics_lane(raw, base)  # issue 7: metrics.port, a model only the metrics test uses
+    add_cache_lanes(raw, base)  # issue 5: a cache lane and a model with a short TTL
     raw["quota"] = {"queue_max": SESSION_QUOTA_QUEUE_MAX}
     raw["tenants"] = [
         {"name": CAPPED_TENANT, "daily_tokens": CAPPED_DAILY_TOKENS},

@@ -224,8 +224,13 @@ def test_per_second_quantization_spreads_a_burst() -> None:
     book = QuotaBook(
         _config({"rpm": 120, "quantize_per_second": True}), clock=clock, wall_ms=lambda: 0.0
     )
-    assert len(_granted(book.submit([_ask(i) for i in range(10)]))) == 2  # ceil(120/60) per s
+    grants = [d for d in book.submit([_ask(i) for i in range(10)]) if isinstance(d, Grant)]
+    assert len(grants) == 2  # ceil(120/60) per s
     clock.now += 1.0
+    # Their second holds until the caller says when they left ...
+    assert book.admit_waiting() == 0
+    # ... on time: the next second is free.
+    book.sent_late([(g.lease, g.not_before_ms or 0.0) for g in grants])
     assert book.admit_waiting() == 2
 
 
@@ -386,6 +391,7 @@ def test_restart_from_checkpoint_never_starts_fuller_than_it_was() -> None:
     grants = []
     for _ in range(5):  # one per second, as the quantized window allows
         grants += [g for g in book.submit([_ask(len(grants) + 1)]) if isinstance(g, Grant)]
+        book.sent_late([(grants[-1].lease, wall[0])])  # the caller: it left on time
         clock.now += 1.0
     book.settle([Settlement(grants[0].lease, 8, prompt_tokens=5, completion_tokens=3)])
     saved = json.loads(json.dumps(book.checkpoint()))  # what the topic would hold
@@ -441,6 +447,7 @@ def test_quantized_grants_are_paced_and_recorded_when_sent() -> None:
     g = book.submit([_ask(1)])[0]
     assert isinstance(g, Grant)
     assert g.not_before_ms == 5_100.0
+    book.sent_late([(g.lease, g.not_before_ms)])  # left on time
     # The first call leaves at +0.1 s. A grant at +0.85 s would leave at +0.95 s, inside
     # that call's second: it waits. At +1.05 s it leaves at +1.15 s: a second apart.
     clock.now += 0.85
@@ -471,3 +478,30 @@ def test_a_late_send_moves_its_entries_to_when_it_really_left() -> None:
     assert isinstance(book.submit([_ask(2)])[0], Queued)
     clock.now += 0.3
     assert book.admit_waiting() == 1
+
+
+def test_a_grant_whose_send_is_unreported_holds_its_second_until_the_report() -> None:
+    clock = FakeClock()
+    wall = [0.0]
+
+    def now_ms() -> float:
+        return wall[0]
+
+    cfg = _config({"rpm": 60, "quantize_per_second": True})
+    book = QuotaBook(cfg, clock=clock, wall_ms=now_ms)
+    a = book.submit([_ask(1)])[0]
+    assert isinstance(a, Grant)
+    # A second later the call has still not left (a busy caller): it counts as leaving
+    # now, so the next call may not take the provider's next second yet.
+    clock.now += 1.1
+    wall[0] += 1100.0
+    assert isinstance(book.submit([_ask(2)])[0], Queued)
+    # It really left at 1.15 s: the next one may go a second after that, not before.
+    book.sent_late([(a.lease, 1150.0)])
+    clock.now += 0.9
+    wall[0] += 900.0
+    assert book.admit_waiting() == 0
+    clock.now += 0.2
+    wall[0] += 200.0
+    assert book.admit_waiting() == 1
+    assert [d.ticket for d in book.take("o") if isinstance(d, Grant)] == [2]

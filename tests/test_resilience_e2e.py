@@ -26,6 +26,7 @@ from pipeline.simulator import completion_tokens_for, expected_text
 from tests.conftest import (
     BACKUP_LANE,
     DOWN_LANE,
+    FLAKY_FAULTS,
     FLAKY_LANE,
     SESSION_BREAKER_OPEN_S,
     SLOW_STREAM_INTER_TOKEN_MS,
@@ -135,6 +136,41 @@ async def test_with_20pct_5xx_and_5pct_cut_streams_every_request_completes_corre
         f"\nflaky: {sum(calls.values())} upstream calls for {n} requests, faults {dict(faults)}, "
         f"{len(retried)} retried, {resets} resets, {dup} duplicate replies on the raw topic"
     )
+
+
+async def test_client_stream_hides_a_retry_that_repeats_the_answer(stack: Stack) -> None:
+    n = 40
+    # 30% of calls cut mid-stream (no 5xx): many requests are retried after chunks went
+    # out, and the simulator's text is deterministic, so each retry repeats the answer.
+    stack.sim_set_faults(FLAKY_LANE.key_env, {"drop_mid_stream_rate": 0.3, "seed": 5})
+    try:
+        topic = f"test.coherent.{uuid.uuid4().hex[:8]}"
+        await _partitions(stack.bootstrap, topic)
+        async with QuotaflowClient(stack.bootstrap, reply_topic=topic) as c:
+
+            async def read(body: dict[str, Any]) -> tuple[str, list[Any]]:
+                # A reader that knows nothing of resets: it just prints the content.
+                seen = [r async for r in c.stream(body, timeout_s=TIMEOUT_S)]
+                text = "".join(
+                    (ch.get("delta") or {}).get("content") or ""
+                    for r in seen
+                    if isinstance(r, ChunkReply)
+                    for ch in r.chunk.get("choices") or []
+                )
+                return text, seen
+
+            bodies = [_body(FLAKY_LANE, f"coherent {i}") for i in range(n)]
+            results = await asyncio.gather(*(read(b) for b in bodies))
+    finally:
+        stack.sim_set_faults(FLAKY_LANE.key_env, FLAKY_FAULTS)
+    for (text, seen), b in zip(results, bodies, strict=True):
+        assert isinstance(seen[-1], DoneReply), seen[-1]
+        assert not any(isinstance(r, ResetReply) for r in seen)
+        assert text == _expected(stack, b)
+    # No 5xx here: a request with more than one attempt had its stream cut after chunks.
+    retried = sum(isinstance(seen[-1], DoneReply) and seen[-1].attempts > 1 for _, seen in results)
+    assert retried > 0
+    print(f"\ncoherent: {retried} of {n} streams were retried mid-way, none showed a reset")
 
 
 # -- breaker and fallback ---------------------------------------------------------------

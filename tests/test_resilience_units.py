@@ -10,7 +10,9 @@ from actors._messages import Ask, DeploymentState, Grant, Queued, RouteAsk, Sett
 from actors._quota_book import QuotaBook
 from actors._retry import backoff_ms, retry_delay_ms, retryable_status
 from actors._routing import Router
+from pipeline._resume import ResetFilter
 from topics.config import BreakerConfig, Config, RetryConfig, parse_config
+from topics.wire import ChunkReply, DoneReply, ErrorBody, ErrorReply, ResetReply, TokenUsage
 
 
 class FakeClock:
@@ -269,3 +271,109 @@ def test_cancel_withdraws_waiting_asks_and_gives_back_untaken_grants() -> None:
     assert book.snapshot()["leases"] == 0
     assert book.deployments["d0"].in_flight == 0
     assert book.take("o") == []
+
+
+# -- the client's coherent stream ---------------------------------------------------------
+
+
+def _chunk(seq: int, text: str | None, finish: str | None = None) -> ChunkReply:
+    delta = {} if text is None else {"content": text}
+    return ChunkReply(
+        id="r",
+        seq=seq,
+        chunk={
+            "object": "chat.completion.chunk",
+            "choices": [{"delta": delta, "finish_reason": finish}],
+        },
+    )
+
+
+def _done(seq: int) -> DoneReply:
+    return DoneReply(
+        id="r", seq=seq, finish_reason="stop", usage=TokenUsage(), model="m", deployment="d"
+    )
+
+
+def _text(replies: list[Any]) -> str:
+    return "".join(
+        (c.get("delta") or {}).get("content") or ""
+        for r in replies
+        if isinstance(r, ChunkReply)
+        for c in r.chunk["choices"]
+    )
+
+
+def _run(replies: list[Any]) -> list[Any]:
+    f = ResetFilter()
+    return [out for r in replies for out in f.feed(r)]
+
+
+def test_a_retry_that_repeats_the_answer_is_invisible_to_the_reader() -> None:
+    stream = [
+        _chunk(0, ""),
+        _chunk(1, "Hel"),
+        _chunk(2, "lo "),
+        ResetReply(id="r", seq=3, reason="cut"),
+        _chunk(4, ""),
+        _chunk(5, "Hel"),
+        _chunk(6, "lo wo"),
+        _chunk(7, "rld"),
+        _chunk(8, None, "stop"),
+        _done(9),
+    ]
+    out = _run(stream)
+    assert not any(isinstance(r, ResetReply) for r in out)
+    assert _text(out) == "Hello world"
+    assert [r.seq for r in out] == sorted(r.seq for r in out)
+    assert isinstance(out[-1], DoneReply)
+    assert out[-2].chunk["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_retry_that_says_something_else_passes_the_reset_then_its_text() -> None:
+    stream = [
+        _chunk(0, "Hello "),
+        _chunk(1, "there"),
+        ResetReply(id="r", seq=2, reason="cut"),
+        _chunk(3, "Hello "),
+        _chunk(4, "world"),
+        _chunk(5, "!"),
+        _done(6),
+    ]
+    out = _run(stream)
+    resets = [i for i, r in enumerate(out) if isinstance(r, ResetReply)]
+    assert len(resets) == 1
+    assert _text(out[resets[0] + 1 :]) == "Hello world!"  # nothing of the new answer lost
+
+
+def test_a_retry_that_ends_shorter_or_fails_resets_the_reader() -> None:
+    shorter = _run(
+        [_chunk(0, "abc"), ResetReply(id="r", seq=1, reason="x"), _chunk(2, "ab"), _done(3)]
+    )
+    assert [type(r).__name__ for r in shorter] == [
+        "ChunkReply",
+        "ResetReply",
+        "ChunkReply",
+        "DoneReply",
+    ]
+    assert _text(shorter[2:]) == "ab"
+    failed = _run([_chunk(0, "abc"), ResetReply(id="r", seq=1, reason="x"), _err(2)])
+    assert [type(r).__name__ for r in failed] == ["ChunkReply", "ResetReply", "ErrorReply"]
+    # A reset before anything was shown undoes nothing: it is not passed on.
+    early = _run([ResetReply(id="r", seq=0, reason="x"), _chunk(1, "ok"), _done(2)])
+    assert [type(r).__name__ for r in early] == ["ChunkReply", "DoneReply"]
+
+
+def _err(seq: int) -> ErrorReply:
+    return ErrorReply(id="r", seq=seq, error=ErrorBody(code="upstream_unavailable", message="x"))
+
+
+def test_a_429_without_retry_after_freezes_until_the_exhausted_limit_resets() -> None:
+    from actors._messages import Observation
+    from actors._quota_book import _freeze_s
+
+    assert _freeze_s(Observation(retry_after_ms=750), 1.0) == 0.75
+    tokens_out = Observation(
+        remaining_requests=10, reset_requests_s=0.2, remaining_tokens=0, reset_tokens_s=3.5
+    )
+    assert _freeze_s(tokens_out, 1.0) == 3.5
+    assert _freeze_s(Observation(remaining_requests=5, reset_requests_s=9.0), 1.0) == 1.0

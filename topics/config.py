@@ -186,6 +186,9 @@ class QuotaConfig(_Section, frozen=True):
     # its grant was recorded is reported at once, and its window entries move to the real
     # send time (a busy or cold caller can be late): windows follow the provider's clock.
     late_report_ms: NonNegInt = 5
+    # A grant on a quantized deployment holds its 1 s windows until the caller reports
+    # the real send (they then count from it), at most this long after the grant.
+    unconfirmed_hold_ms: PositiveInt = 10_000
     # Optionally hold every call on a quantized deployment this long after its grant (and
     # record it then), for links whose jitter outruns the reports. Costs this much latency.
     quantized_pace_ms: NonNegInt = 0
@@ -193,8 +196,6 @@ class QuotaConfig(_Section, frozen=True):
     day_bucket_s: PositiveInt = 60
     # A 429 without retry-after freezes the deployment this long.
     freeze_default_ms: PositiveInt = 1_000
-    # Upstream 429s re-queue the request (not the client's fault) at most this often.
-    max_requeues: NonNegInt = 5
     # The quota actor writes its windows and counters to `<internal_prefix>quota` this often.
     checkpoint_interval_ms: PositiveInt = 1_000
     # Budget use (share of the limit) at which an event is logged and published.
@@ -240,6 +241,9 @@ class CacheConfig(_Section, frozen=True):
     max_bytes: PositiveInt = 64 * 1024 * 1024
     # Only answers this deterministic (temperature at or below) are stored by default.
     max_temperature: NonNegFloat = 0.0
+    # Identical cacheable requests arriving while the first one runs wait for its answer
+    # (single flight), at most this long; then they run themselves.
+    single_flight_timeout_s: PositiveFloat = 120.0
     semantic: SemanticCacheConfig = msgspec.field(default_factory=SemanticCacheConfig)
 
 
@@ -516,7 +520,9 @@ class FrontDoorConfig(_Section, frozen=True):
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     # Replies for HTTP clients come back here, not on `topics.responses`: the front door
     # then decodes only its own replies, and Kafka clients not the front door's.
-    reply_topic: Name = "llm.responses.frontdoor"
+    reply_topic: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = (
+        "llm.responses.frontdoor"
+    )
     # An HTTP request without a terminal reply after this long is answered 504 `timeout`.
     request_timeout_s: PositiveFloat = 600.0
     # Larger bodies get 413; Kafka's default message limit (1 MiB) refuses them anyway.
