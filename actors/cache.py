@@ -96,6 +96,7 @@ class CacheShard:
         self._records = records
         self._started: asyncio.Task[None] | None = None
         self._loops: list[asyncio.Task[None]] = []
+        self._replays: set[asyncio.Task[None]] = set()
         self._writes: deque[tuple[str, bytes | None]] = deque()
         self._write_wake = asyncio.Event()
         self.writes_pending = 0
@@ -180,7 +181,10 @@ class CacheShard:
             if e.key not in self.cache or e.scope is None or e.prompt is None:
                 continue
             vec = vectors.get(e.key) if r.vector is None else sem.from_bytes(r.vector)
-            sem.add(e.scope, e.key, e.prompt, vec, model=e.model)
+            try:
+                sem.add(e.scope, e.key, e.prompt, vec, model=e.model)
+            except ValueError:  # another model's embedding (another size): exact only
+                log.warning("cache_vector_unusable", shard=self.shard, key=e.key)
 
     async def warm(self) -> None:
         """Start the producer, load the semantic model and restore now, not on first use."""
@@ -363,9 +367,13 @@ class CacheShard:
                     continue  # evicted while embedding
                 sem.add(entry.scope, entry.key, entry.prompt, vec, model=entry.model)
                 self._write(entry.key, encode_record(entry, sem.to_bytes(vec)))
-        await asyncio.gather(
-            *(self._answer(entry, flight) for entry, flight in landed if flight is not None)
-        )
+        # Followers are answered in the background: the caller's flush need not wait.
+        loop = asyncio.get_running_loop()
+        for entry, flight in landed:
+            if flight is not None and flight.followers:
+                task = loop.create_task(self._answer(entry, flight))
+                self._replays.add(task)
+                task.add_done_callback(self._replays.discard)
 
     async def _answer(self, entry: CacheEntry, flight: Flight) -> None:
         """Replay the leader's answer to every follower, then report them answered."""

@@ -157,6 +157,7 @@ class Caller:
                 raise
             aborted = await self._aborted(job, out, bound)
             if aborted is None:
+                self._release(owner, Finished(job.ticket, "reply_failed"))
                 return
             outcome = aborted
         except Exception as exc:  # noqa: BLE001 - any bug must still end the request with a reply
@@ -164,8 +165,11 @@ class Caller:
             outcome = Outcome(status="internal", deployment=job.grant.deployment, retryable=True)
             try:
                 await out.error("internal", f"gateway error: {type(exc).__name__}", retryable=True)
-            except Exception:  # noqa: BLE001 - Kafka is down too; the offset stays uncommitted
+            except Exception:  # noqa: BLE001 - Kafka is down too, past the send retries
+                # Finished all the same (as the ingress does): a reply topic that cannot
+                # exist would otherwise bring the request back after every restart.
                 bound.exception("terminal_reply_failed")
+                self._release(owner, Finished(job.ticket, "reply_failed"))
                 return
         # A failed call keeps its whole reservation: the provider may have charged it.
         # One never made (its deadline had passed) gives it all back.
@@ -263,7 +267,7 @@ class Caller:
                 model=job.model,
                 deployment=job.grant.deployment,
             )
-        except Exception:  # noqa: BLE001 - Kafka is down too; the offset stays uncommitted
+        except Exception:  # noqa: BLE001 - Kafka is down too, past the send retries
             bound.exception("terminal_reply_failed")
             return None
         return Outcome(

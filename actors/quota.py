@@ -16,8 +16,8 @@ from typing import Any
 
 import msgspec
 import structlog
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from actors._compacted import read_compacted
 from actors._kafka import make_producer
 from actors._messages import Admitted, Ask, Decision, DeploymentState, Settlement
 from actors._quota_book import QuotaBook
@@ -33,7 +33,6 @@ log = structlog.get_logger("quotaflow.quota")
 
 _CHECKPOINT = msgspec.json.Encoder()
 _RESTORE = msgspec.json.Decoder(dict[str, Any])
-_RESTORE_POLL_MS = 200
 
 
 class GrantBatch(msgspec.Struct, frozen=True):
@@ -84,39 +83,16 @@ class QuotaService:
 
     async def _read_checkpoints(self) -> dict[str, dict[str, Any]]:
         """The latest record per key of the checkpoint topic (empty if there is none)."""
-        cfg = self._config
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=cfg.kafka.bootstrap_servers,
-            client_id=f"{cfg.kafka.client_id}-quota-restore",
-            group_id=None,
-            enable_auto_commit=False,
+        raw = await read_compacted(
+            self._config, self._producer, self._topic, client_suffix="quota-restore"
         )
-        await consumer.start()
-        try:
-            # The producer waits for fresh metadata; the gateway created the topic at start.
-            partitions = await self._producer.partitions_for(self._topic)
-            tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            end = await consumer.end_offsets(tps)
-            latest: dict[str, dict[str, Any]] = {}
-            while True:
-                positions = [await consumer.position(tp) for tp in tps]
-                if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
-                    break
-                for records in (await consumer.getmany(timeout_ms=_RESTORE_POLL_MS)).values():
-                    for rec in records:
-                        if rec.key is None or rec.value is None:
-                            continue
-                        try:
-                            latest[rec.key.decode()] = _RESTORE.decode(rec.value)
-                        except msgspec.DecodeError:
-                            log.warning(
-                                "checkpoint_unreadable", key=rec.key.decode(errors="replace")
-                            )
-            return latest
-        finally:
-            await consumer.stop()
+        latest: dict[str, dict[str, Any]] = {}
+        for key, value in raw.items():
+            try:
+                latest[key] = _RESTORE.decode(value)
+            except msgspec.DecodeError:
+                log.warning("checkpoint_unreadable", key=key)
+        return latest
 
     async def _checkpoint_loop(self) -> None:
         while True:

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from aiokafka.errors import KafkaConnectionError
+
 from topics.errors import QuotaflowError
 
 __all__ = ["main"]
@@ -268,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.func(args)
     except QuotaflowError as exc:
         print(f"quotaflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KafkaConnectionError as exc:
+        print(
+            f"quotaflow: error: cannot reach Kafka ({exc}); is the broker up? "
+            "(`quotaflow kafka status`, or the config's kafka.bootstrap_servers)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

@@ -273,8 +273,12 @@ class Gateway:
 
     async def _abort_remaining(self, timeout_s: float) -> None:
         """Answer every unfinished request with a retryable error, then wait for the acks."""
-        waiting = [t for t in self._pending if t not in self._dispatched]
-        self.stats.aborted_at_shutdown += len(self._pending)
+        # Single-flight followers are left to their cache shard, which may be replaying
+        # the leader's answer to them right now: answering them here could make two.
+        # Unanswered at exit, they are not committed and come back after the restart.
+        followers = self._flight_watch.following()
+        waiting = [t for t in self._pending if t not in self._dispatched and t not in followers]
+        self.stats.aborted_at_shutdown += len(self._pending) - len(followers)
         if waiting:
             try:
                 await self.actors.quota.cancel.remote(self.owner, waiting)

@@ -259,6 +259,7 @@ async def read_usage(
     try:
         await consumer.start()
     except KafkaError as exc:
+        await consumer.stop()
         raise QuotaflowError(
             f"cannot reach Kafka at {config.kafka.bootstrap_servers!r}: {exc}"
         ) from None

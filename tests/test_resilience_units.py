@@ -246,7 +246,7 @@ def test_failures_open_the_breaker_which_stops_grants_until_a_probe_succeeds() -
     book.settle([Settlement(probe[0].lease, 10, deployment="d0", outcome="ok", ttft_ms=40.0)])
     assert book.routing_state()["d0"].breaker == "closed"
     assert book.routing_state()["d0"].ttft_ewma_ms == 40.0
-    assert [e["event"] for e in book.drain_events()] == ["breaker_closed"]
+    assert [e["event"] for e in book.drain_events()] == ["breaker_half_open", "breaker_closed"]
 
 
 def test_rate_limits_and_client_errors_do_not_move_the_breaker() -> None:
@@ -377,3 +377,26 @@ def test_a_429_without_retry_after_freezes_until_the_exhausted_limit_resets() ->
     )
     assert _freeze_s(tokens_out, 1.0) == 3.5
     assert _freeze_s(Observation(remaining_requests=5, reset_requests_s=9.0), 1.0) == 1.0
+
+
+def test_an_exhausted_deployment_is_tried_again_after_exhausted_retry_s() -> None:
+    from actors._messages import Observation
+
+    clock = FakeClock()
+    book = QuotaBook(_book_config(), clock=clock)
+    g = _grant(book, 1)
+    book.settle(
+        [
+            Settlement(
+                g.lease,
+                10,
+                deployment="d0",
+                outcome="exhausted",
+                observed=Observation(refused="exhausted"),
+            )
+        ]
+    )
+    assert book.routing_state()["d0"].exhausted
+    clock.now += _book_config().quota.exhausted_retry_s
+    assert _grant(book, 2).deployment == "d0"  # credit may have been added: try it again
+    assert not book.routing_state()["d0"].exhausted
