@@ -234,9 +234,18 @@ class Upstream:
         return c
 
     async def _request_sent(self, request: httpx.Request) -> None:
+        """httpx's request hook runs before a pooled connection is taken or opened: the
+        send is reported from httpcore's trace when the request headers are written."""
         request_id = request.headers.get(_REQUEST_ID_HEADER)
-        if request_id is not None and self._on_send is not None:
-            self._on_send(request_id)
+        if request_id is None or self._on_send is None:
+            return
+        on_send = self._on_send
+
+        async def trace(event: str, info: dict[str, Any]) -> None:
+            if event.endswith(".send_request_headers.started"):
+                on_send(request_id)
+
+        request.extensions = {**request.extensions, "trace": trace}
 
     async def warm(self, *, connect: bool) -> None:
         """Create every deployment's client now (a missing key fails here, named).

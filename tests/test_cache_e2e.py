@@ -10,8 +10,11 @@ are skipped, saying why, when the extra is not installed.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -242,6 +245,23 @@ def _semantic_missing() -> str | None:
 class SemanticStack:
     config: Config
     client: QuotaflowClient
+    config_path: Path
+    ray_address: str
+
+    def entries(self) -> int:
+        """Questions held by the semantic index of every shard (`quotaflow status`)."""
+        out = subprocess.run(
+            [
+                *(sys.executable, "-m", "pipeline.cli", "status"),
+                *("--config", str(self.config_path), "--once", "--json"),
+            ],
+            env={**os.environ, "RAY_ADDRESS": self.ray_address},
+            capture_output=True,
+            check=True,
+            timeout=120,
+        )
+        shards = json.loads(out.stdout)["caches"]
+        return sum(int((c.get("semantic") or {}).get("entries", 0)) for c in shards)
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +305,7 @@ async def semantic(stack: Stack, stack_dir: Path) -> AsyncIterator[SemanticStack
             requests_topic=config.topics.requests,
             reply_topic=config.topics.responses,
         ) as sem_client:
-            yield SemanticStack(config, sem_client)
+            yield SemanticStack(config, sem_client, path, stack.ray_address())
     finally:
         code = await gateway.stop()
         assert code == 0, f"semantic gateway exited with {code}; see {gateway.log_path}"
@@ -311,12 +331,24 @@ async def _sem_ask(s: SemanticStack, text: str, **fields: Any) -> Answer:
     return await s.client.ask(_sem_body(text), timeout_s=ANSWER_TIMEOUT_S, **fields)
 
 
+async def _sem_store(s: SemanticStack, text: str, **fields: Any) -> Answer:
+    """Ask (a miss), then wait until the answer is in the semantic index: the caller hands
+    it to the shard after the `done` reply, and the shard embeds it first."""
+    before = await asyncio.to_thread(s.entries)
+    answer = await _sem_ask(s, text, **fields)
+    assert _done(answer).cache == "miss"
+    give_up = time.monotonic() + ANSWER_TIMEOUT_S
+    while await asyncio.to_thread(s.entries) <= before:
+        assert time.monotonic() < give_up, "the answer never reached the semantic index"
+        await asyncio.sleep(0.2)
+    return answer
+
+
 async def test_semantic_hit_above_the_threshold_and_miss_below(
     stack: Stack, semantic: SemanticStack
 ) -> None:
     tenant = f"sem-{uuid.uuid4().hex[:8]}"
-    stored = await _sem_ask(semantic, QUESTION, tenant=tenant)
-    assert _done(stored).cache == "miss"
+    stored = await _sem_store(semantic, QUESTION, tenant=tenant)
     hit = await _sem_ask(semantic, PARAPHRASE, tenant=tenant)
     done = _done(hit)
     assert (done.cache, done.cost_usd, done.deployment) == ("semantic", 0.0, None)
@@ -338,18 +370,18 @@ async def test_semantic_hits_stay_within_a_tenant_or_its_shared_scope(
     semantic: SemanticStack,
 ) -> None:
     mine = f"sem-{uuid.uuid4().hex[:8]}"
-    assert _done(await _sem_ask(semantic, QUESTION, tenant=mine)).cache == "miss"
+    await _sem_store(semantic, QUESTION, tenant=mine)
     theirs = await _sem_ask(semantic, PARAPHRASE, tenant=f"sem-{uuid.uuid4().hex[:8]}")
     assert _done(theirs).cache == "miss"
     text = _unique(QUESTION)
-    assert _done(await _sem_ask(semantic, text, tenant="shared-a")).cache == "miss"
+    await _sem_store(semantic, text, tenant="shared-a")
     shared = await _sem_ask(semantic, text.replace("do I", "can I"), tenant="shared-b")
     assert _done(shared).cache == "semantic"
 
 
 async def test_exact_mode_forbids_semantic_hits(semantic: SemanticStack) -> None:
     tenant = f"sem-{uuid.uuid4().hex[:8]}"
-    assert _done(await _sem_ask(semantic, QUESTION, tenant=tenant)).cache == "miss"
+    await _sem_store(semantic, QUESTION, tenant=tenant)
     strict = await _sem_ask(semantic, PARAPHRASE, tenant=tenant, cache="exact")
     assert _done(strict).cache == "miss"
     # The exact entry itself is still served in exact mode.
