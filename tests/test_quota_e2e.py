@@ -114,7 +114,8 @@ async def test_light_tenant_waits_boundedly_behind_a_flooding_one(
     clock, so it is the next one admitted: it waits for at most the slot in progress
     plus one. FIFO would make it wait behind the whole flood (flood x interval).
     """
-    interval_ms = 60_000 / FAIR_LANE.rpm
+    # One per second at this rpm, each second window lasting its margin longer.
+    interval_ms = max(60_000 / FAIR_LANE.rpm, 1_000 + stack.config.quota.second_margin_ms)
     bound_ms = 2 * interval_ms
     flood_n, trickle_n = 30, 6
     flood = [
