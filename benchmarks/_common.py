@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ __all__ = [
     "machine_summary",
     "other_stacks",
     "percentiles",
+    "publish",
     "stamp",
     "start_simulator",
     "stop_proc",
@@ -136,6 +137,21 @@ def percentiles(samples: Sequence[float]) -> dict[str, float]:
     out["max"] = round(ordered[-1], 3)
     out["mean"] = round(sum(ordered) / len(ordered), 3)
     return out
+
+
+def publish(
+    name: str,
+    result: dict[str, Any],
+    table: str,
+    record: Callable[[dict[str, Any], Path], Path] | None,
+) -> None:
+    """Print a run's table; with `record`, write its JSON and append its BENCHMARKS.md rows."""
+    print(table)
+    if record is None:
+        return
+    json_path = write_json(name, result, stamp(datetime.fromisoformat(result["started_at"])))
+    md = record(result, json_path)
+    print(f"results: {json_path.relative_to(REPO)}; rows appended to {md.relative_to(REPO)}")
 
 
 def write_json(name: str, data: dict[str, Any], when: str) -> Path:

@@ -41,8 +41,7 @@ from benchmarks._common import (
     machine,
     machine_summary,
     percentiles,
-    stamp,
-    write_json,
+    publish,
 )
 from pipeline.kafka_local import LocalKafka
 from topics.config import Config, parse_config
@@ -388,11 +387,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Params:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = parse_args(argv)
     result = run(p)
-    print(format_table(result))
-    if p.record:
-        json_path = write_json(NAME, result, stamp(datetime.fromisoformat(result["started_at"])))
-        md = record(result, json_path)
-        print(f"results: {json_path.relative_to(REPO)}; rows appended to {md.relative_to(REPO)}")
+    publish(NAME, result, format_table(result), record if p.record else None)
     return result
 
 

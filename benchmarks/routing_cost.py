@@ -50,11 +50,10 @@ from benchmarks._common import (
     machine_summary,
     other_stacks,
     percentiles,
-    stamp,
+    publish,
     start_simulator,
     stop_proc,
     wait_line,
-    write_json,
 )
 from pipeline.client import QuotaflowClient
 from pipeline.kafka_local import LocalKafka, free_port
@@ -489,11 +488,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Params:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = parse_args(argv)
     result = asyncio.run(run(p))
-    print(format_table(result))
-    if p.record:
-        json_path = write_json(NAME, result, stamp(datetime.fromisoformat(result["started_at"])))
-        md = record(result, json_path)
-        print(f"results: {json_path.relative_to(REPO)}; rows appended to {md.relative_to(REPO)}")
+    publish(NAME, result, format_table(result), record if p.record else None)
     return result
 
 

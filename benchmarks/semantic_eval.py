@@ -104,8 +104,7 @@ from benchmarks._common import (
     machine,
     machine_summary,
     percentiles,
-    stamp,
-    write_json,
+    publish,
 )
 
 __all__ = ["Params", "format_table", "main", "run"]
@@ -917,11 +916,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not DATA.exists():
         raise SystemExit(f"no data set at {DATA} (see its README)")
     result = run(p)
-    print(format_table(result))
-    if p.record:
-        json_path = write_json(NAME, result, stamp(datetime.fromisoformat(result["started_at"])))
-        md = record(result, json_path)
-        print(f"results: {json_path.relative_to(REPO)}; rows appended to {md.relative_to(REPO)}")
+    publish(NAME, result, format_table(result), record if p.record else None)
     return result
 
 
