@@ -110,8 +110,9 @@ class _Pending:
     avoid: list[str] = field(default_factory=list)
     # Index of the caller actor running it (while dispatched).
     caller: int | None = None
-    # Records of the same id that arrived while this one ran: answered by it.
-    duplicates: list[tuple[TopicPartition, int]] = field(default_factory=list)
+    # Records of the same id that arrived while this one ran: handled again once it has
+    # finished (its stored result is then replayed to them, with no upstream call).
+    duplicates: list[ConsumerRecord[bytes, bytes]] = field(default_factory=list)
 
 
 @dataclass
@@ -341,8 +342,9 @@ class Gateway:
                 continue
             running = self._by_id.get(req.id)
             if running is not None:
-                # The same id resent while it runs: its answer is the running one's.
-                self._pending[running].duplicates.append((tp, rec.offset))
+                # The same id resent while it runs: it waits for the running one, whose
+                # replies may already be gone past its sender; see `_finish`.
+                self._pending[running].duplicates.append(rec)
                 self.stats.attached += 1
                 log.info("request_attached", request_id=req.id, tenant=req.tenant)
                 continue
@@ -882,8 +884,10 @@ class Gateway:
         if self._by_id.get(p.request.id) == ticket:
             del self._by_id[p.request.id]
         self._offsets.done(p.tp, p.offset)
-        for tp, offset in p.duplicates:
-            self._offsets.done(tp, offset)
+        if p.duplicates:
+            # The result is stored by now (callers report a ticket finished only after
+            # that): handled again, the resent records get it replayed.
+            self._spawn(self._handle_batch(p.duplicates))
         self._backpressure()
         if not self._pending:
             self._drained.set()
