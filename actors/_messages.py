@@ -1,11 +1,18 @@
-"""What the actors pass each other (through Ray, in batches); not part of the wire contract."""
+"""What the actors pass each other (through Ray, in batches); not part of the wire contract.
+
+Batches cross Ray as `Packed` lists: one msgpack blob per batch instead of Ray pickling
+every Struct (measured here: a call carrying 500 asks took 4.0 ms with the Structs
+pickled, 1.5 ms packed, 0.9 ms for an empty call).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 
+from actors._idempotency import IdemClaim, IdemClaimed, IdemRecord
 from topics.errors import ErrorCode
 from topics.wire import Request
 
@@ -20,6 +27,7 @@ __all__ = [
     "Grant",
     "Job",
     "Observation",
+    "Packed",
     "Queued",
     "Refusal",
     "Route",
@@ -100,7 +108,7 @@ class Ask(msgspec.Struct, frozen=True):
         return self.prompt_tokens + self.max_tokens
 
 
-class Grant(msgspec.Struct, frozen=True):
+class Grant(msgspec.Struct, frozen=True, tag=True):
     """Quota reserved on `deployment`; `lease` is returned in a Settlement."""
 
     ticket: int
@@ -112,14 +120,14 @@ class Grant(msgspec.Struct, frozen=True):
     not_before_ms: float | None = None
 
 
-class Refusal(msgspec.Struct, frozen=True):
+class Refusal(msgspec.Struct, frozen=True, tag=True):
     ticket: int
     code: ErrorCode
     message: str
     retry_after_ms: int | None = None
 
 
-class Queued(msgspec.Struct, frozen=True):
+class Queued(msgspec.Struct, frozen=True, tag=True):
     ticket: int
 
 
@@ -236,3 +244,53 @@ class CacheLookup(msgspec.Struct, frozen=True):
     received_ms: float
     # The resolved public model (semantic thresholds and TTL are per model).
     model: str = ""
+
+
+# -- batches across Ray --------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+# The element type of each kind of batch; a kind's decoder is built once, on first use.
+_KINDS: Final[dict[str, Any]] = {
+    "ask": Ask,
+    "decision": Decision,
+    "admitted": Admitted,
+    "settlement": Settlement,
+    "route_ask": RouteAsk,
+    "route": Route,
+    "job": Job,
+    "finished": Finished,
+    "cache_entry": CacheEntry,
+    "cache_lookup": CacheLookup,
+    "idem_claim": IdemClaim,
+    "idem_claimed": IdemClaimed,
+    "idem_record": IdemRecord,
+}
+_ENCODER: Final = msgspec.msgpack.Encoder()
+_DECODERS: dict[str, msgspec.msgpack.Decoder[list[Any]]] = {}
+
+
+class Packed(list[_T], Generic[_T]):
+    """A list of one kind of message that pickles as a single msgpack blob.
+
+    It is a list everywhere else, so an actor method takes a plain list just as well (as
+    tests pass them); only the Ray hop sees the difference.
+    """
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str, items: Iterable[_T] = ()) -> None:
+        if kind not in _KINDS:
+            raise ValueError(f"Packed kind {kind!r} is not one of {sorted(_KINDS)}")
+        super().__init__(items)
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[Any, tuple[str, bytes]]:
+        return (_unpack, (self.kind, _ENCODER.encode(list(self))))
+
+
+def _unpack(kind: str, blob: bytes) -> Packed[Any]:
+    dec = _DECODERS.get(kind)
+    if dec is None:
+        dec = _DECODERS[kind] = msgspec.msgpack.Decoder(list[_KINDS[kind]])  # type: ignore[valid-type]
+    return Packed(kind, dec.decode(blob))

@@ -495,7 +495,13 @@ class QuotaBook:
             )
         tenant = self.tenant(ask.tenant)
         tenant.roll(wall)
-        cost = max(_cost(d.price, ask.prompt_tokens, ask.max_tokens) for d in fitting)
+        # The dearest candidate's price, only where a money budget needs it (hot path).
+        priced = tenant.daily_budget_usd is not None or tenant.monthly_budget_usd is not None
+        cost = (
+            max(_cost(d.price, ask.prompt_tokens, ask.max_tokens) for d in fitting)
+            if priced
+            else 0.0
+        )
         if tenant.budget_verdict(ask.tokens, cost) == "never":
             return Refusal(
                 ask.ticket, "quota_exceeded", self._budget_message(tenant, ask.tokens, cost)

@@ -20,6 +20,7 @@ import msgspec
 import openai
 import structlog
 
+from actors._coalesce import ChunkCoalescer
 from actors._messages import Job, Observation
 from actors._replies import ReplyStream, cost_usd
 from actors._retry import retry_delay_ms, retryable_status
@@ -215,6 +216,7 @@ class Upstream:
         self._deployments = {d.name: d for d in config.deployments}
         self._clients: dict[str, openai.AsyncOpenAI] = {}
         self._retry = config.resilience.retry
+        self._coalesce_ms = config.gateway.coalesce_ms
 
     def client(self, dep: Deployment) -> openai.AsyncOpenAI:
         c = self._clients.get(dep.name)
@@ -399,43 +401,49 @@ class Upstream:
         parts: list[str] = []
         api = self.client(dep).chat.completions.with_streaming_response
         called_ms = time.time() * 1000.0
-        async with api.create(**self._kwargs(job, dep, body, True)) as resp:
-            o.observed = observe(resp.headers)
-            async for line in resp.iter_lines():
-                if not line.startswith("data:"):
-                    continue  # SSE comments and keep-alives (DeepSeek sends these)
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = _DECODE.decode(data)
-                if not isinstance(chunk, dict):
-                    continue
-                if "error" in chunk:
-                    raise _Failure(
-                        "upstream_error",
-                        f"deployment {dep.name!r} sent an error mid-stream: {chunk['error']}",
-                        retryable=True,
-                    )
-                o.upstream_model = str(chunk.get("model") or o.upstream_model)
-                usage = chunk.get("usage")
-                if isinstance(usage, dict):
-                    o.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                    o.cached_tokens = _cached_tokens(usage)
-                    o.completion_tokens = int(usage.get("completion_tokens") or 0)
-                choices = chunk.get("choices") or []
-                if choices:
-                    c0 = choices[0]
-                    content = (c0.get("delta") or {}).get("content")
-                    if content:
-                        parts.append(content)
-                    if c0.get("finish_reason"):
-                        o.finish_reason = c0["finish_reason"]
-                elif not client_wants_usage:
-                    continue
-                if first_ms is None:
-                    first_ms = time.time() * 1000.0
-                    o.upstream_ttft_ms = first_ms - called_ms
-                await out.chunk(chunk)
+        coalescer = ChunkCoalescer(out, self._coalesce_ms)
+        try:
+            async with api.create(**self._kwargs(job, dep, body, True)) as resp:
+                o.observed = observe(resp.headers)
+                async for line in resp.iter_lines():
+                    if not line.startswith("data:"):
+                        continue  # SSE comments and keep-alives (DeepSeek sends these)
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = _DECODE.decode(data)
+                    if not isinstance(chunk, dict):
+                        continue
+                    if "error" in chunk:
+                        raise _Failure(
+                            "upstream_error",
+                            f"deployment {dep.name!r} sent an error mid-stream: {chunk['error']}",
+                            retryable=True,
+                        )
+                    o.upstream_model = str(chunk.get("model") or o.upstream_model)
+                    usage = chunk.get("usage")
+                    if isinstance(usage, dict):
+                        o.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                        o.cached_tokens = _cached_tokens(usage)
+                        o.completion_tokens = int(usage.get("completion_tokens") or 0)
+                    choices = chunk.get("choices") or []
+                    if choices:
+                        c0 = choices[0]
+                        content = (c0.get("delta") or {}).get("content")
+                        if content:
+                            parts.append(content)
+                        if c0.get("finish_reason"):
+                            o.finish_reason = c0["finish_reason"]
+                    elif not client_wants_usage:
+                        continue
+                    if first_ms is None:
+                        first_ms = time.time() * 1000.0
+                        o.upstream_ttft_ms = first_ms - called_ms
+                    await coalescer.add(chunk)
+            await coalescer.close()
+        except BaseException:
+            await coalescer.discard()
+            raise
         if o.finish_reason is None:
             raise _Failure(
                 "upstream_unavailable",

@@ -21,7 +21,7 @@ import structlog
 from actors._histogram import LatencySet, Tally
 from actors._idempotency import IdemRecord
 from actors._kafka import make_producer
-from actors._messages import CacheEntry, Finished, Job, Settlement
+from actors._messages import CacheEntry, Finished, Job, Packed, Settlement
 from actors._ray import actor_by_name, named_actor
 from actors._replies import ReplyStream
 from actors._upstream import Outcome, Upstream
@@ -307,14 +307,14 @@ class Caller:
         """Long poll: tickets whose terminal reply Kafka has acknowledged."""
         got = self._finished.pop(owner, [])
         if got:
-            return got
+            return Packed("finished", got)
         ev = self._finished_ev.setdefault(owner, asyncio.Event())
         ev.clear()
         try:
             await asyncio.wait_for(ev.wait(), timeout_s)
         except TimeoutError:
             return []
-        return self._finished.pop(owner, [])
+        return Packed("finished", self._finished.pop(owner, []))
 
     async def _flush_loop(self) -> None:
         while True:
@@ -342,12 +342,15 @@ class Caller:
             if late:
                 calls.append(quota.sent_late.remote(late))
             if settle:
-                calls.append(quota.settle.remote(settle))
+                calls.append(quota.settle.remote(Packed("settlement", settle)))
             if puts and caches:
                 by_shard: dict[int, list[CacheEntry]] = {}
                 for e in puts:
                     by_shard.setdefault(shard_of(e.key, len(caches)), []).append(e)
-                calls.extend(caches[i].put_many.remote(batch) for i, batch in by_shard.items())
+                calls.extend(
+                    caches[i].put_many.remote(Packed("cache_entry", batch))
+                    for i, batch in by_shard.items()
+                )
             await asyncio.gather(*calls)
         except (ray.exceptions.RayActorError, ValueError):
             # The quota or a cache actor is restarting; a lost settlement only keeps a
@@ -364,7 +367,10 @@ class Caller:
             by_shard: dict[int, list[IdemRecord]] = {}
             for r in puts:
                 by_shard.setdefault(idempotency_shard_of(r.request_id, len(shards)), []).append(r)
-            calls.extend(shards[i].put_many.remote(batch) for i, batch in by_shard.items())
+            calls.extend(
+                shards[i].put_many.remote(Packed("idem_record", batch))
+                for i, batch in by_shard.items()
+            )
             ends_by: dict[int, list[str]] = {}
             for rid in ends:
                 ends_by.setdefault(idempotency_shard_of(rid, len(shards)), []).append(rid)

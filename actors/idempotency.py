@@ -2,7 +2,9 @@
 
 The ingress sends each shard one `claim` per batch: finished ids are replayed from here
 (the stored reply values, same key, no usage record: a replay is not a new request) and
-come back `replayed`; the others come back `new` once their `running` record is durable.
+come back `replayed`; the others come back `new` at once, with a token that `durable`
+answers once their `running` records are stored (the ingress waits for it before a run
+may reply, overlapped with routing and quota).
 Callers report finished runs with `put_many` and retryable failures with `end_many`.
 A restarted shard reads the whole `<prefix>idempotency` topic before serving a call.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import zlib
 from collections.abc import Awaitable
@@ -28,6 +31,7 @@ from actors._idempotency import (
     Write,
 )
 from actors._kafka import make_producer, send_retrying
+from actors._messages import Packed
 from actors._ray import named_actor
 from topics.config import Config
 from topics.logs import configure_logging
@@ -45,6 +49,8 @@ log = structlog.get_logger("quotaflow.idempotency")
 # Expired ids are refused at claim time anyway; this only bounds how long memory and the
 # topic keep them after their window.
 _SWEEP_INTERVAL_S: Final = 5.0
+# Tokens of `claim_early` kept before the ones whose records are stored are dropped.
+_UNACKED_PRUNE_AT: Final = 1024
 
 
 def idempotency_topic(config: Config) -> str:
@@ -75,6 +81,9 @@ class IdempotencyShard:
         self._started: asyncio.Task[None] | None = None
         self._sweep: asyncio.Task[None] | None = None
         self.replayed_replies = 0
+        # Delivery futures of claims not yet asked about (see `claim_early`), by token.
+        self._unacked: dict[int, list[asyncio.Future[Any]]] = {}
+        self._tokens = itertools.count(1)
 
     async def _ensure_started(self) -> None:
         started = self._started
@@ -136,22 +145,34 @@ class IdempotencyShard:
         await self._ensure_started()
 
     async def claim(self, items: list[IdemClaim]) -> list[IdemClaimed]:
-        """One answer per item, in order. Ids must be distinct and not running at the
-        caller: the ingress attaches live duplicates itself. Raises if Kafka fails."""
+        """`claim_early` and `durable` in one call: answers once the records are stored."""
+        token, out = await self.claim_early(items)
+        await self.durable(token)
+        return out
+
+    async def claim_early(self, items: list[IdemClaim]) -> tuple[int, list[IdemClaimed]]:
+        """One answer per item, in order, as soon as the index has decided; the `running`
+        records are queued, not yet stored: `durable(token)` waits for them.
+
+        The ingress overlaps that wait with routing and quota, and waits for it only
+        before a run may produce a reply. Ids must be distinct and not running at the
+        caller: the ingress attaches live duplicates itself. Replays are sent before
+        this returns. Raises if Kafka fails."""
         await self._ensure_started()
         out: list[IdemClaimed] = []
         replays: list[tuple[IdemClaim, list[bytes]]] = []
         async with self._lock:
-            pending: list[Awaitable[Any]] = []
+            unacked: list[Awaitable[Any]] = []
             for item in items:
                 got = self.index.claim(item.request_id)
                 if isinstance(got, Replay):
                     replays.append((item, got.replies))
                     out.append(IdemClaimed(item.ticket, "replayed"))
                 else:
-                    pending.append(await self._send(got.write))
+                    unacked.append(await self._send(got.write))
                     out.append(IdemClaimed(item.ticket, "new", got.start_seq, got.reset_first))
-            pending.extend(await self._tombstones())
+            unacked.extend(await self._tombstones())
+        pending: list[Awaitable[Any]] = []
         for item, replies in replays:
             key = item.request_id.encode()
             for value in replies:
@@ -168,7 +189,24 @@ class IdempotencyShard:
                 replies=len(replies),
             )
         await asyncio.gather(*pending)
-        return out
+        return self._hold(unacked), Packed("idem_claimed", out)
+
+    def _hold(self, unacked: list[Awaitable[Any]]) -> int:
+        """Keep a claim's delivery futures under a new token until `durable` asks."""
+        token = next(self._tokens)
+        self._unacked[token] = [asyncio.ensure_future(f) for f in unacked]
+        if len(self._unacked) > _UNACKED_PRUNE_AT:
+            # A token nobody waits for (its ingress died): drop those stored without error,
+            # which `durable` would have answered the same way.
+            for t, futures in list(self._unacked.items()):
+                if all(f.done() and not f.cancelled() and f.exception() is None for f in futures):
+                    del self._unacked[t]
+        return token
+
+    async def durable(self, token: int) -> None:
+        """Returns once the records queued by the claim that gave `token` are stored;
+        raises if one could not be. A token already answered, or pruned, returns at once."""
+        await asyncio.gather(*self._unacked.pop(token, ()))
 
     async def put_many(self, records: list[IdemRecord]) -> None:
         """Store finished runs; durable when this returns (safe to repeat)."""

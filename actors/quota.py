@@ -19,7 +19,7 @@ import structlog
 
 from actors._compacted import read_compacted
 from actors._kafka import make_producer
-from actors._messages import Admitted, Ask, Decision, DeploymentState, Settlement
+from actors._messages import Admitted, Ask, Decision, DeploymentState, Packed, Settlement
 from actors._quota_book import QuotaBook
 from actors._ray import named_actor
 from topics.config import Config
@@ -137,19 +137,19 @@ class QuotaService:
         out = self.book.submit(asks)
         if self.book.queue_depth:
             self._wake.set()
-        return out
+        return Packed("decision", out)
 
     async def next_grants(self, owner: str, timeout_s: float) -> GrantBatch:
         await self._ensure_started()
         ev = self._ready.setdefault(owner, asyncio.Event())
-        got = self.book.take(owner)
+        got = Packed("admitted", self.book.take(owner))
         if not got:
             ev.clear()
             try:
                 await asyncio.wait_for(ev.wait(), timeout_s)
             except TimeoutError:
                 return GrantBatch(self.epoch, [], self.book.queue_full)
-            got = self.book.take(owner)
+            got = Packed("admitted", self.book.take(owner))
         return GrantBatch(self.epoch, got, self.book.queue_full)
 
     async def settle(self, settlements: list[Settlement]) -> None:

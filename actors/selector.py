@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from actors._messages import Route, RouteAsk
+from actors._messages import Packed, Route, RouteAsk
 from actors._ray import actor_by_name, named_actor
 from actors._routing import Router
 from actors.quota import QUOTA_ACTOR_NAME
@@ -48,7 +48,7 @@ class Selector:
 
     async def route(self, asks: list[RouteAsk]) -> list[Route]:
         await self.warm()
-        return self.router.route(asks)
+        return Packed("route", self.router.route(asks))
 
 
 def selector_actors(config: Config) -> list[Any]:

@@ -8,7 +8,8 @@ may go to any of the four:
   loop for at least `--seconds`; decisions/s over the submit time alone and over
   submit + settle;
 * **actor**: the singleton quota actor (`actors.quota.quota_actor`, in a local Ray started
-  here) called as the gateway calls it, `submit.remote(batch)` then `settle.remote(...)`,
+  here) called as the gateway calls it, `submit.remote(batch)` then `settle.remote(...)`
+  with the batches `Packed` (one msgpack blob each, as the gateway sends them),
   with batches of 100, 500 and 1000 from one caller back to back, and 500 from 4
   concurrent callers; decisions/s (asks granted and settled / wall time) and per-call
   latency of submit and settle.
@@ -33,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from actors._messages import Ask, Grant, Settlement
+from actors._messages import Ask, Grant, Packed, Settlement
 from benchmarks._common import (
     REPO,
     add_row,
@@ -170,11 +171,12 @@ async def _caller(
     while time.perf_counter() < until:
         work = asks(batch, owner)
         t = time.perf_counter()
-        decisions = await actor.submit.remote(work)
+        # As the gateway sends them: one msgpack blob per batch (actors._messages.Packed).
+        decisions = await actor.submit.remote(Packed("ask", work))
         out["submit_ms"].append((time.perf_counter() - t) * 1000.0)
         sets, g = settlements(decisions)
         t = time.perf_counter()
-        await actor.settle.remote(sets)
+        await actor.settle.remote(Packed("settlement", sets))
         out["settle_ms"].append((time.perf_counter() - t) * 1000.0)
         decided += len(decisions)
         granted += g

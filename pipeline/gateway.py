@@ -40,6 +40,7 @@ from actors._messages import (
     Finished,
     Grant,
     Job,
+    Packed,
     Refusal,
     Route,
     RouteAsk,
@@ -113,6 +114,9 @@ class _Pending:
     # Records of the same id that arrived while this one ran: handled again once it has
     # finished (its stored result is then replayed to them, with no upstream call).
     duplicates: list[ConsumerRecord[bytes, bytes]] = field(default_factory=list)
+    # Its idempotency claim's `running` record being stored: awaited before it may reply
+    # (a cache replay or a caller's first chunk), then cleared.
+    stored: asyncio.Future[Any] | None = None
 
 
 @dataclass
@@ -434,7 +438,8 @@ class Gateway:
         """Ask the idempotency store about each id: returns the tickets it replayed.
 
         New ids get the seq to start at: past an earlier run's when the id ran before
-        (a crash or a resend), with a `reset` first.
+        (a crash or a resend), with a `reset` first. Their `running` records are stored
+        meanwhile (`_Pending.stored`): the wait overlaps routing and quota.
         """
         shards = self.actors.idempotency
         if not shards:
@@ -446,18 +451,57 @@ class Gateway:
                     ticket=t, request_id=p.request.id, reply_to=p.reply_to, tenant=p.request.tenant
                 )
             )
+        order = list(by_shard)
         results = await asyncio.gather(
-            *(shards[i].claim.remote(items) for i, items in by_shard.items())
+            *(shards[i].claim_early.remote(Packed("idem_claim", by_shard[i])) for i in order)
         )
+        stored: asyncio.Future[Any] = asyncio.gather(
+            *(shards[i].durable.remote(token) for i, (token, _) in zip(order, results, strict=True))
+        )
+        # Read even when no run waits for it (all replayed), so a failure is not unraised.
+        stored.add_done_callback(lambda f: f.cancelled() or f.exception())
         replayed: set[int] = set()
-        for claims in results:
+        for _token, claims in results:
             for c in claims:
                 if c.kind == "replayed":
                     replayed.add(c.ticket)
                 elif (claimed := accepted.get(c.ticket)) is not None:
                     claimed.seq = c.start_seq
                     claimed.reset_first = c.reset_first
+                    claimed.stored = stored
         return replayed
+
+    async def _unstored(self, tickets: Iterable[int]) -> set[int]:
+        """Wait until the claims of `tickets` are stored; returns those whose store failed
+        (answered here with a retryable `internal` error: they must not reply unrecorded)."""
+        waits: dict[int, asyncio.Future[Any]] = {}
+        for t in tickets:
+            p = self._pending.get(t)
+            if p is not None and p.stored is not None:
+                waits[t] = p.stored
+        if not waits:
+            return set()
+        await asyncio.wait(set(waits.values()))
+        failed: dict[int, BaseException] = {}
+        for t, fut in waits.items():
+            if fut.cancelled():
+                failed[t] = asyncio.CancelledError()
+            elif (exc := fut.exception()) is not None:
+                failed[t] = exc
+            elif (p := self._pending.get(t)) is not None:
+                p.stored = None
+        if failed:
+            log.error("idempotency_store_failed", error=repr(next(iter(failed.values()))))
+            await asyncio.gather(
+                *(
+                    self._answer(
+                        t, "internal", "gateway stage failed: idempotency record not stored"
+                    )
+                    for t in failed
+                ),
+                return_exceptions=True,
+            )
+        return set(failed)
 
     def _apply_route(self, p: _Pending, route: Route) -> None:
         assert route.model is not None
@@ -474,7 +518,9 @@ class Gateway:
     async def _route(self, accepted: dict[int, _Pending]) -> None:
         selector = self.actors.selectors[next(self._selector_rr)]
         routes, replayed = await asyncio.gather(
-            selector.route.remote([self._route_ask(t, p) for t, p in accepted.items()]),
+            selector.route.remote(
+                Packed("route_ask", [self._route_ask(t, p) for t, p in accepted.items()])
+            ),
             self._claim(accepted),
         )
         for t in replayed:
@@ -514,11 +560,21 @@ class Gateway:
                 )
         if answers:
             await asyncio.gather(*answers)
+        if lookups:
+            # A hit replies at once, so its claim must be stored first.
+            lost = await self._unstored(c.ticket for items in lookups.values() for c in items)
+            if lost:
+                lookups = {
+                    s: kept
+                    for s, items in lookups.items()
+                    if (kept := [c for c in items if c.ticket not in lost])
+                }
+                routed = [t for t in routed if t not in lost]
         # Answered from cache, or waiting for an identical request in flight.
         hits: set[int] = await self._cache_lookup(lookups) if lookups else set()
         asks = [self._ask(t) for t in routed if t not in hits]
         if asks:
-            decisions = await self.actors.quota.submit.remote(asks)
+            decisions = await self.actors.quota.submit.remote(Packed("ask", asks))
             await self._decided(decisions)
 
     # -- cache: hits and single flight (actors/_cache_flight.py) ------------------------
@@ -558,7 +614,10 @@ class Gateway:
                     )
                 )
         results = await asyncio.gather(
-            *(shards[s].lookup.remote(self.owner, items) for s, items in lookups.items()),
+            *(
+                shards[s].lookup.remote(self.owner, Packed("cache_lookup", items))
+                for s, items in lookups.items()
+            ),
             return_exceptions=True,
         )
         held: set[int] = set()
@@ -605,7 +664,9 @@ class Gateway:
             return
         log.info("cache_followers_run", count=len(todo))
         try:
-            await self._decided(await self.actors.quota.submit.remote([self._ask(t) for t in todo]))
+            await self._decided(
+                await self.actors.quota.submit.remote(Packed("ask", [self._ask(t) for t in todo]))
+            )
         except ray.exceptions.RayError as exc:
             await self._fail_stage({t: self._pending[t] for t in todo if t in self._pending}, exc)
 
@@ -663,8 +724,18 @@ class Gateway:
                 answers.append(
                     self._answer(d.ticket, d.code, d.message, retry_after_ms=d.retry_after_ms)
                 )
+        if jobs:
+            # Usually stored long ago: the claim's write overlapped routing and quota.
+            lost = await self._unstored(j.ticket for j in jobs)
+            if lost:
+                returned.extend(
+                    Settlement(j.grant.lease, 0, deployment=j.grant.deployment, outcome="unused")
+                    for j in jobs
+                    if j.ticket in lost
+                )
+                jobs = [j for j in jobs if j.ticket not in lost]
         if returned:
-            await self.actors.quota.settle.remote(returned)
+            await self.actors.quota.settle.remote(Packed("settlement", returned))
         if answers:
             await asyncio.gather(*answers)
         if jobs:
@@ -679,7 +750,10 @@ class Gateway:
             self._pending[job.ticket].caller = i
         self._dispatched.update(job.ticket for job in jobs)
         await asyncio.gather(
-            *(callers[i].submit.remote(self.owner, batch) for i, batch in by_caller.items())
+            *(
+                callers[i].submit.remote(self.owner, Packed("job", batch))
+                for i, batch in by_caller.items()
+            )
         )
         self.stats.dispatched += len(jobs)
 
@@ -819,7 +893,9 @@ class Gateway:
         """Route again (breakers and failures may have changed the candidates), ask quota."""
         pending = {t: self._pending[t] for t in tickets}
         selector = self.actors.selectors[next(self._selector_rr)]
-        routes = await selector.route.remote([self._route_ask(t, p) for t, p in pending.items()])
+        routes = await selector.route.remote(
+            Packed("route_ask", [self._route_ask(t, p) for t, p in pending.items()])
+        )
         answers: list[Awaitable[None]] = []
         asks: list[Ask] = []
         for route in routes:
@@ -833,7 +909,7 @@ class Gateway:
         if answers:
             await asyncio.gather(*answers)
         if asks:
-            await self._decided(await self.actors.quota.submit.remote(asks))
+            await self._decided(await self.actors.quota.submit.remote(Packed("ask", asks)))
 
     async def _resubmit_waiting(self) -> None:
         """Asks queued in a quota actor that died are lost with it: ask again."""
@@ -846,7 +922,9 @@ class Gateway:
         if waiting:
             log.info("resubmitting_waiting", count=len(waiting))
             await self._decided(
-                await self.actors.quota.submit.remote([self._ask(t) for t in waiting])
+                await self.actors.quota.submit.remote(
+                    Packed("ask", [self._ask(t) for t in waiting])
+                )
             )
 
     async def _commit_loop(self) -> None:

@@ -230,6 +230,9 @@ class SemanticCacheConfig(_Section, frozen=True):
     shared_tenants: list[Name] = msgspec.field(default_factory=list)
     # Texts embedded per model call (the shard batches lookups and inserts).
     batch_size: PositiveInt = 64
+    # torch intra-op threads in each cache shard process (the verifier and the embedder
+    # share them; torch's setting is per process).
+    torch_threads: PositiveInt = 1
 
 
 class CacheConfig(_Section, frozen=True):
@@ -261,8 +264,9 @@ class GatewayConfig(_Section, frozen=True):
     commit_interval_ms: PositiveInt = 500
     caller_actors: PositiveInt = 2
     selector_actors: PositiveInt = 1
-    # Reserved for chunk coalescing (issue 8): accepted, not applied yet.
-    coalesce_ms: NonNegInt = 0
+    # After a stream's first text chunk (sent at once), text deltas arriving within this
+    # window go out as one `chunk` reply: fewer Kafka records per token. 0 = one per chunk.
+    coalesce_ms: NonNegInt = 15
     headroom_refresh_ms: PositiveInt = 250
     # Callers open a connection to every deployment at start (GET /models), so that the
     # first calls are not late; also names a refused key in the log before traffic.
