@@ -34,7 +34,10 @@ class ChunkSink(Protocol):
 
 def mergeable(chunk: dict[str, Any]) -> bool:
     """A chunk of plain text for one choice: nothing a merge could lose or reorder."""
-    if not _SAME_KEYS.issuperset(k for k in chunk if k != "choices"):
+    # `usage: null` rides on every chunk when usage was asked for (OpenAI's and ours).
+    if not _SAME_KEYS.issuperset(
+        k for k, v in chunk.items() if k != "choices" and not (k == "usage" and v is None)
+    ):
         return False
     choices = chunk.get("choices")
     if not isinstance(choices, list) or len(choices) != 1:

@@ -43,6 +43,9 @@ def named_actor(
             num_cpus=0,
             max_concurrency=max_concurrency,
             max_restarts=-1,
+            # Ray's per-call task events are for its dashboard, which we do not run; they
+            # grow the GCS by ~1 KB a call up to its cap (100k tasks) under steady load.
+            enable_task_events=False,
             # Calls in flight when the actor died are re-run on its next incarnation;
             # only for actors whose methods are safe to repeat.
             max_task_retries=-1 if retry_calls else 0,

@@ -402,6 +402,7 @@ class Upstream:
         api = self.client(dep).chat.completions.with_streaming_response
         called_ms = time.time() * 1000.0
         coalescer = ChunkCoalescer(out, self._coalesce_ms)
+        ended = False
         try:
             async with api.create(**self._kwargs(job, dep, body, True)) as resp:
                 o.observed = observe(resp.headers)
@@ -409,8 +410,12 @@ class Upstream:
                     if not line.startswith("data:"):
                         continue  # SSE comments and keep-alives (DeepSeek sends these)
                     data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
+                    if data == "[DONE]" or ended:
+                        # Read on to the end of the body rather than break: a response
+                        # left unread closes its connection, and every call would then
+                        # open a new one (measured: 50 of 50 calls).
+                        ended = True
+                        continue
                     chunk = _DECODE.decode(data)
                     if not isinstance(chunk, dict):
                         continue

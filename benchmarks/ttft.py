@@ -9,7 +9,11 @@ sequentially and at a fixed open-loop rate:
   at the end of a dedicated one-partition topic);
 * **direct TTFT**: `openai.AsyncOpenAI(max_retries=0)` streaming from the simulator, time
   from the call to the first chunk carrying content;
-* **gateway TTFT**: `QuotaflowClient.send` to the first `chunk` reply carrying content.
+* **gateway TTFT**: `QuotaflowClient.send` to the first `chunk` reply carrying content;
+* **litellm TTFT** (the peer): `litellm.Router.acompletion(stream=True)` in this process
+  over the same two deployments (same simulator, same keys), `num_retries=0`, no logging
+  callbacks; call to the first chunk carrying content. Skipped, with the reason in the
+  results, when litellm cannot be imported or set up (`--no-litellm` skips it too).
 
 A request crosses Kafka twice (request in, reply out), so 2x a hop is the physical floor
 of the gateway's overhead (gateway TTFT - direct TTFT). Every gateway sample also records
@@ -17,7 +21,7 @@ of the gateway's overhead (gateway TTFT - direct TTFT). Every gateway sample als
 gateway), which splits the end-to-end time into "inside the gateway" and "outside it"
 (Kafka legs, the client, the ingress poll).
 
-    .venv/bin/python -m benchmarks.ttft [--n 200] [--warmup 20] [--rate 10]
+    .venv/bin/python -m benchmarks.ttft [--n 200] [--warmup 20] [--rate 50] [--no-litellm]
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from benchmarks._common import (
     stop_proc,
     wait_line,
 )
+from benchmarks._litellm import LiteLLMPeer, litellm_version
 from pipeline.client import QuotaflowClient
 from pipeline.kafka_local import LocalKafka, free_port
 from pipeline.stack import GatewayProcess, sim_config_dict, write_config
@@ -77,10 +82,12 @@ _T = TypeVar("_T")
 class Params:
     n: int = 200
     warmup: int = 20
-    rate: float = 10.0
+    rate: float = 50.0
     max_tokens: int = 16
     sim_ttft_ms: int = 20
     sim_inter_token_ms: int = 1
+    litellm: bool = True
+    litellm_streaming_logging: bool = False
     keep: bool = False
     record: bool = True
 
@@ -112,6 +119,7 @@ class LoadResult:
     kafka_hop: list[float] = field(default_factory=list)
     direct: list[Sample] = field(default_factory=list)
     gateway: list[Sample] = field(default_factory=list)
+    litellm: list[Sample] = field(default_factory=list)
     max_start_lag_ms: float = 0.0
 
 
@@ -279,6 +287,20 @@ class ViaGateway:
         return Sample(request.id, sent_ms, ttft, internal_ms=internal)
 
 
+class ViaLiteLLM:
+    """The peer: `litellm.Router` streaming from the same deployments, in this process."""
+
+    def __init__(self, peer: LiteLLMPeer) -> None:
+        self.peer = peer
+
+    async def once(self, i: int) -> Sample:
+        rid = f"litellm-{uuid.uuid4().hex}"
+        sent_ms = time.time() * 1000.0
+        t0 = time.perf_counter()
+        first, _ = await self.peer.call(PROMPT, rid)
+        return Sample(rid, sent_ms, (first - t0) * 1000.0)
+
+
 # -- load shapes --------------------------------------------------------------------------
 
 
@@ -302,22 +324,35 @@ async def _open_loop(
 
 
 async def _sequential(
-    floor: KafkaFloor, direct: Direct, gateway: ViaGateway, p: Params
+    floor: KafkaFloor,
+    direct: Direct,
+    gateway: ViaGateway,
+    litellm: ViaLiteLLM | None,
+    p: Params,
 ) -> LoadResult:
-    """One of each per round, interleaved, so slow drifts hit the three series alike."""
+    """One of each per round, interleaved, so slow drifts hit the series alike."""
     out = LoadResult()
     for i in range(p.warmup + p.n):
         hop = await floor.once(i)
         d = await direct.once(i)
         g = await gateway.once(i)
+        lit = await litellm.once(i) if litellm is not None else None
         if i >= p.warmup:
             out.kafka_hop.append(hop)
             out.direct.append(d)
             out.gateway.append(g)
+            if lit is not None:
+                out.litellm.append(lit)
     return out
 
 
-async def _at_rate(floor: KafkaFloor, direct: Direct, gateway: ViaGateway, p: Params) -> LoadResult:
+async def _at_rate(
+    floor: KafkaFloor,
+    direct: Direct,
+    gateway: ViaGateway,
+    litellm: ViaLiteLLM | None,
+    p: Params,
+) -> LoadResult:
     """Each series alone at `p.rate` req/s, open loop."""
     out = LoadResult()
     count = p.warmup + p.n
@@ -325,10 +360,14 @@ async def _at_rate(floor: KafkaFloor, direct: Direct, gateway: ViaGateway, p: Pa
     hops, lag1 = await _open_loop(lambda i: floor.once(base + i), count, p.rate)
     directs, lag2 = await _open_loop(direct.once, count, p.rate)
     gws, lag3 = await _open_loop(gateway.once, count, p.rate)
+    lag4 = 0.0
+    if litellm is not None:
+        lits, lag4 = await _open_loop(litellm.once, count, p.rate)
+        out.litellm = lits[p.warmup :]
     out.kafka_hop = hops[p.warmup :]
     out.direct = directs[p.warmup :]
     out.gateway = gws[p.warmup :]
-    out.max_start_lag_ms = round(max(lag1, lag2, lag3), 3)
+    out.max_start_lag_ms = round(max(lag1, lag2, lag3, lag4), 3)
     return out
 
 
@@ -369,6 +408,22 @@ async def _measure(p: Params, work: Path, notes: dict[str, Any]) -> dict[str, Lo
         notes["gateway_pid"] = gateway.proc.pid
         notes["gateway_start_s"] = round(time.perf_counter() - t, 1)
 
+        peer: ViaLiteLLM | None = None
+        if p.litellm:
+            try:
+                router = LiteLLMPeer(
+                    config, "fast", p.max_tokens, streaming_logging=p.litellm_streaming_logging
+                )
+                notes["litellm"] = router.settings()
+                peer = ViaLiteLLM(router)
+            except Exception as exc:  # noqa: BLE001 - reported; the other series still run
+                notes["litellm"] = {
+                    "version": litellm_version(),
+                    "missing_because": f"{type(exc).__name__}: {exc}",
+                }
+                print(f"litellm series skipped: {notes['litellm']['missing_because']}")
+        else:
+            notes["litellm"] = {"missing_because": "--no-litellm"}
         floor = KafkaFloor(bootstrap)
         direct = Direct(config, p.max_tokens)
         client = QuotaflowClient(bootstrap, client_id="bench-ttft")
@@ -378,10 +433,10 @@ async def _measure(p: Params, work: Path, notes: dict[str, Any]) -> dict[str, Lo
             await client.start()
             via = ViaGateway(client, p.max_tokens, gw_proc.poll)
             t = time.perf_counter()
-            seq = await _sequential(floor, direct, via, p)
+            seq = await _sequential(floor, direct, via, peer, p)
             notes["sequential_s"] = round(time.perf_counter() - t, 1)
             t = time.perf_counter()
-            rated = await _at_rate(floor, direct, via, p)
+            rated = await _at_rate(floor, direct, via, peer, p)
             notes["rate_s"] = round(time.perf_counter() - t, 1)
         finally:
             await client.stop()
@@ -407,7 +462,7 @@ def _join_simulator_log(path: Path, results: dict[str, LoadResult]) -> None:
         if rid and rec.get("duration_ms") is not None:
             arrived[rid] = float(rec["ts_ms"]) - float(rec["duration_ms"])
     for res in results.values():
-        for s in (*res.direct, *res.gateway):
+        for s in (*res.direct, *res.gateway, *res.litellm):
             s.upstream_at_ms = arrived.get(s.id)
 
 
@@ -427,6 +482,10 @@ def _summarise(res: LoadResult) -> dict[str, Any]:
     g_to = percentiles(_present([s.to_upstream_ms for s in res.gateway]))
     g_from = percentiles(_present([s.from_upstream_ms for s in res.gateway]))
     over = {q: round(gw[q] - direct[q], 3) for q in ("p50", "p90", "p99")}
+    lit = percentiles([s.ttft_ms for s in res.litellm])
+    lit_over = {q: round(lit[q] - direct[q], 3) for q in ("p50", "p90", "p99") if q in lit}
+    l_to = percentiles(_present([s.to_upstream_ms for s in res.litellm]))
+    l_from = percentiles(_present([s.from_upstream_ms for s in res.litellm]))
     return {
         "kafka_hop_ms": hop,
         "direct_ttft_ms": direct,
@@ -457,11 +516,22 @@ def _summarise(res: LoadResult) -> dict[str, Any]:
         "overhead_over_two_hops": {
             q: round(over[q] / (2 * hop[q]), 2) for q in ("p50", "p99") if hop.get(q)
         },
+        # The peer, litellm.Router in this process (absent: n 0, no overhead keys).
+        "litellm_ttft_ms": lit,
+        "litellm_to_upstream_ms": l_to,
+        "litellm_from_upstream_ms": l_from,
+        "litellm_overhead_ms": lit_over,
+        "litellm_overhead_over_hop": {
+            q: round(lit_over[q] / hop[q], 2)
+            for q in ("p50", "p99")
+            if hop.get(q) and q in lit_over
+        },
         "max_start_lag_ms": res.max_start_lag_ms,
         "samples": {
             "kafka_hop_ms": [round(x, 3) for x in res.kafka_hop],
             "direct_ttft_ms": [round(s.ttft_ms, 3) for s in res.direct],
             "gateway_ttft_ms": [round(s.ttft_ms, 3) for s in res.gateway],
+            "litellm_ttft_ms": [round(s.ttft_ms, 3) for s in res.litellm],
             "gateway_inside_ms": [round(x, 3) for x in internal_samples],
             "direct_to_upstream_ms": _rounded([s.to_upstream_ms for s in res.direct]),
             "gateway_to_upstream_ms": _rounded([s.to_upstream_ms for s in res.gateway]),
@@ -502,7 +572,7 @@ async def run(p: Params) -> dict[str, Any]:
         "benchmark": NAME,
         "started_at": started.isoformat(timespec="seconds"),
         "duration_s": round(time.perf_counter() - t0, 1),
-        "machine": machine(),
+        "machine": {**machine(), "litellm": litellm_version()},
         "params": {
             "n": p.n,
             "warmup": p.warmup,
@@ -510,6 +580,8 @@ async def run(p: Params) -> dict[str, Any]:
             "max_tokens": p.max_tokens,
             "sim_ttft_ms": p.sim_ttft_ms,
             "sim_inter_token_ms": p.sim_inter_token_ms,
+            "litellm": p.litellm,
+            "litellm_streaming_logging": p.litellm_streaming_logging,
             "limits": LIMITS,
             "prompt": PROMPT,
         },
@@ -531,6 +603,9 @@ _TABLE_ROWS = (
     ("  upstream->token", "gateway_from_upstream_ms"),
     ("  inside gateway", "gateway_inside_ms"),
     ("  outside gateway", "gateway_outside_ms"),
+    ("litellm TTFT", "litellm_ttft_ms"),
+    ("  send->upstream", "litellm_to_upstream_ms"),
+    ("  upstream->token", "litellm_from_upstream_ms"),
 )
 
 
@@ -564,7 +639,20 @@ def format_table(result: dict[str, Any]) -> str:
             f"{'overhead / hop':<20}{load:<12}{'':>5}{r.get('p50', 0):>9.2f}{'':>9}"
             f"{r.get('p99', 0):>9.2f}"
         )
+        lo, lr = s["litellm_overhead_ms"], s["litellm_overhead_over_hop"]
+        if lo:
+            lines.append(
+                f"{'litellm ovh -direct':<20}{load:<12}{'':>5}{lo['p50']:>9.2f}{lo['p90']:>9.2f}"
+                f"{lo['p99']:>9.2f}"
+            )
+            lines.append(
+                f"{'litellm ovh / hop':<20}{load:<12}{'':>5}{lr.get('p50', 0):>9.2f}{'':>9}"
+                f"{lr.get('p99', 0):>9.2f}"
+            )
         lines.append("")
+    lit = result["notes"].get("litellm", {})
+    if "missing_because" in lit:
+        lines.append(f"litellm: not measured ({lit['missing_because']})")
     lines.append(f"took {result['duration_s']} s; {machine_summary(result['machine'])}")
     return "\n".join(lines)
 
@@ -575,12 +663,15 @@ Simulator upstream with `ttft_ms` 20 and `inter_token_ms` 1 (unless the JSON say
 otherwise), limits far above the load. Per load, after a warm-up: **kafka hop** is one
 produce -> consume through the same broker; **direct** is the time to the first content
 chunk calling the simulator with the openai SDK; **gateway** is `QuotaflowClient.send` to
-the first content `chunk` reply, through `quotaflow run`. **overhead** = gateway - direct
-(difference of the percentiles); a request crosses Kafka twice, so **ovh/hop** of 2 would
-be the physical floor. `sequential`: one request of each kind at a time, interleaved;
-`rate_10`: each series alone at 10 req/s, open loop. p99 of N=200 rests on ~2 samples.
-**loadavg** (1 min) at start and end: everything shares the machine's cores, so a
-rise means something else ran too, and the tails then say more about it than about us."""
+the first content `chunk` reply, through `quotaflow run`; **litellm** (the peer) is
+`litellm.Router.acompletion(stream=True)` in the benchmark's process over the same two
+deployments, `num_retries=0`, no logging callbacks (version in the JSON). **overhead** =
+gateway - direct, **litellm ovh** = litellm - direct (differences of the percentiles); a
+request crosses Kafka twice, so **ovh/hop** of 2 would be the gateway's physical floor.
+`sequential`: one request of each kind at a time, interleaved; `rate_R`: each series alone
+at R req/s, open loop. p99 of N=200 rests on ~2 samples. **loadavg** (1 min) at start and
+end: everything shares the machine's cores, so a rise means something else ran too, and
+the tails then say more about it than about us."""
 _MD_COLUMNS = (
     "date",
     "machine",
@@ -593,13 +684,20 @@ _MD_COLUMNS = (
     "overhead p50/p99",
     "ovh/hop p50",
     "ovh/hop p99",
+    "litellm p50/p99",
+    "litellm ovh p50/p99",
+    "litellm ovh/hop p50 / p99",
     "loadavg start -> end",
     "results",
 )
 
 
 def _pair(q: dict[str, float]) -> str:
-    return f"{q['p50']:.2f} / {q['p99']:.2f}"
+    return f"{q['p50']:.2f} / {q['p99']:.2f}" if "p50" in q else "-"
+
+
+def _ratio_pair(r: dict[str, float]) -> str:
+    return f"{r['p50']:.1f} / {r['p99']:.1f}" if "p50" in r and "p99" in r else "-"
 
 
 def record(result: dict[str, Any], json_path: Path) -> Path:
@@ -627,6 +725,9 @@ def record(result: dict[str, Any], json_path: Path) -> Path:
                 _pair(s["overhead_ms"]),
                 f"{ratio.get('p50', float('nan')):.1f}",
                 f"{ratio.get('p99', float('nan')):.1f}",
+                _pair(s["litellm_ttft_ms"]),
+                _pair(s["litellm_overhead_ms"]),
+                _ratio_pair(s["litellm_overhead_over_hop"]),
                 loadavg,
                 f"`{json_path.relative_to(REPO)}`",
             ],
@@ -638,13 +739,27 @@ def parse_args(argv: Sequence[str] | None = None) -> Params:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.ttft", description=__doc__)
     ap.add_argument("--n", type=int, default=200, help="samples per series after warm-up")
     ap.add_argument("--warmup", type=int, default=20, help="samples dropped per series")
-    ap.add_argument("--rate", type=float, default=10.0, help="open-loop rate, req/s")
+    ap.add_argument("--rate", type=float, default=50.0, help="open-loop rate, req/s")
+    ap.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM peer series")
+    ap.add_argument(
+        "--litellm-streaming-logging",
+        action="store_true",
+        help="keep litellm's per-chunk success logging (off by default: no callback reads it)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, broker data)")
     ap.add_argument("--no-record", action="store_true", help="write neither JSON nor BENCHMARKS.md")
     a = ap.parse_args(argv)
     if a.n < 1 or a.warmup < 0 or a.rate <= 0:
         ap.error("--n must be >= 1, --warmup >= 0, --rate > 0")
-    return Params(n=a.n, warmup=a.warmup, rate=a.rate, keep=a.keep, record=not a.no_record)
+    return Params(
+        n=a.n,
+        warmup=a.warmup,
+        rate=a.rate,
+        litellm=not a.no_litellm,
+        litellm_streaming_logging=a.litellm_streaming_logging,
+        keep=a.keep,
+        record=not a.no_record,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

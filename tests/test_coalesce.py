@@ -146,6 +146,13 @@ def test_not_mergeable(chunk: dict[str, Any]) -> None:
     assert not mergeable(chunk)
 
 
+def test_a_null_usage_field_does_not_stop_a_merge() -> None:
+    chunk = text("a")
+    chunk["usage"] = None
+    chunk["system_fingerprint"] = None
+    assert mergeable(chunk)
+
+
 def test_merge_refuses_another_choice_or_role() -> None:
     held = text("a")
     other = text("b")

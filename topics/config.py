@@ -230,9 +230,6 @@ class SemanticCacheConfig(_Section, frozen=True):
     shared_tenants: list[Name] = msgspec.field(default_factory=list)
     # Texts embedded per model call (the shard batches lookups and inserts).
     batch_size: PositiveInt = 64
-    # torch intra-op threads in each cache shard process (the verifier and the embedder
-    # share them; torch's setting is per process).
-    torch_threads: PositiveInt = 1
 
 
 class CacheConfig(_Section, frozen=True):
