@@ -258,6 +258,15 @@ class TenantBuckets:
             daily_budget_usd=t.daily_budget_usd if t else None,
         )
 
+    @property
+    def budgeted(self) -> bool:
+        """Has a token or money budget: its counters are written through on settlement."""
+        return (
+            self.daily_tokens is not None
+            or self.monthly_budget_usd is not None
+            or self.daily_budget_usd is not None
+        )
+
     def roll(self, wall_ms: float) -> None:
         """Start a new day / month of budget when the UTC calendar says so."""
         day = int(wall_ms // (DAY_S * 1000))
@@ -754,7 +763,8 @@ class QuotaBook:
     def settle(self, settlements: Iterable[Settlement]) -> set[str]:
         """Return leases: correct token entries and budgets to real use, learn from headers.
 
-        Returns the tenants whose budget counters changed (to be made durable at once).
+        Returns the tenants with a budget whose counters changed (to be made durable at
+        once); the others' use is in the periodic checkpoint, like the deployments' windows.
         """
         now = self._clock()
         wall = self._wall_ms()
@@ -779,7 +789,8 @@ class QuotaBook:
                         )
                         t.month_used_usd += spent
                         t.day_used_usd += spent
-                    touched.add(t.name)
+                    if t.budgeted:
+                        touched.add(t.name)
                 continue
             dep, tenant = lease.deployment, lease.tenant
             self._release_hold(lease, now)
@@ -795,7 +806,8 @@ class QuotaBook:
             spent = _cost(dep.price, s.prompt_tokens, s.completion_tokens, s.cached_tokens)
             tenant.month_used_usd += spent
             tenant.day_used_usd += spent
-            touched.add(tenant.name)
+            if tenant.budgeted:
+                touched.add(tenant.name)
             self._check_alerts(tenant, wall)
             self._judge(lease, s, now)
             if s.observed is not None:

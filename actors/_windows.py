@@ -11,9 +11,16 @@ after its *end*, which keeps them conservative.
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from typing import Final
 
 __all__ = ["Entry", "SlidingWindow"]
+
+# Checkpoints sum a window's entries per this much of expiry: a minute window at thousands
+# of grants a second dumps ~600 pairs instead of one per grant (the dump was 16% of the
+# quota actor's time at 15k grants/s).
+_DUMP_STEP_S: Final = 0.1
 
 
 class Entry:
@@ -181,9 +188,15 @@ class SlidingWindow:
         return (self.configured_limit, self.span_s)
 
     def dump(self, now: float) -> list[tuple[float, int]]:
-        """(seconds until expiry, amount) per live entry: for checkpoints."""
+        """(seconds until expiry, amount) of the live entries, summed per `_DUMP_STEP_S` of
+        expiry (rounded up: a restored window is never emptier than the saved one)."""
         self._expire(now)
-        out = [(e.expires_at - now, e.amount) for e in self._entries if e.amount]
+        buckets: dict[int, int] = {}
+        for e in self._entries:
+            if e.amount:
+                k = math.ceil((e.expires_at - now) / _DUMP_STEP_S)
+                buckets[k] = buckets.get(k, 0) + e.amount
+        out = [(k * _DUMP_STEP_S, amount) for k, amount in sorted(buckets.items())]
         if self._external:
             out.append((self._external_until - now, self._external))
         return out

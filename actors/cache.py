@@ -31,6 +31,7 @@ from actors._compacted import read_compacted
 from actors._exact_cache import CacheKind, DropReason, ExactCache, replay, storable
 from actors._kafka import make_producer, send_retrying
 from actors._messages import CacheEntry, CacheLookup
+from actors._process import tune_process
 from actors._ray import named_actor
 from actors._replies import ReplyStream
 from topics.config import Config
@@ -83,6 +84,7 @@ class CacheShard:
         semantic: SemanticCache | None = None,
     ) -> None:
         configure_logging(config.logging)
+        tune_process(config)
         self._config = config
         self._cfg = config.cache
         self.shard = shard

@@ -22,6 +22,7 @@ from actors._histogram import LatencySet, Tally
 from actors._idempotency import IdemRecord
 from actors._kafka import make_producer
 from actors._messages import CacheEntry, Finished, Job, Packed, Settlement
+from actors._process import tune_process
 from actors._ray import actor_by_name, named_actor
 from actors._replies import ReplyStream
 from actors._upstream import Outcome, Upstream
@@ -41,6 +42,7 @@ class Caller:
 
     def __init__(self, config: Config, index: int) -> None:
         configure_logging(config.logging)  # each actor is a process of its own
+        tune_process(config)
         self._config = config
         self.index = index
         # A new value per incarnation: an ingress that sees it change knows that the jobs

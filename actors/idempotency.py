@@ -32,6 +32,7 @@ from actors._idempotency import (
 )
 from actors._kafka import make_producer, send_retrying
 from actors._messages import Packed
+from actors._process import tune_process
 from actors._ray import named_actor
 from topics.config import Config
 from topics.logs import configure_logging
@@ -71,6 +72,7 @@ class IdempotencyShard:
 
     def __init__(self, config: Config, shard: int) -> None:
         configure_logging(config.logging)
+        tune_process(config)
         self._config = config
         self.shard = shard
         self._cfg = config.resilience.idempotency

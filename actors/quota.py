@@ -20,6 +20,7 @@ import structlog
 from actors._compacted import read_compacted
 from actors._kafka import make_producer
 from actors._messages import Admitted, Ask, Decision, DeploymentState, Packed, Settlement
+from actors._process import tune_process
 from actors._quota_book import QuotaBook
 from actors._ray import named_actor
 from topics.config import Config
@@ -53,6 +54,7 @@ class QuotaService:
 
     def __init__(self, config: Config) -> None:
         configure_logging(config.logging)
+        tune_process(config)
         self._config = config
         self.book = QuotaBook(config)
         self.epoch = random.getrandbits(31)

@@ -14,6 +14,7 @@ from typing import Any
 import ray
 
 from actors._messages import Packed, Route, RouteAsk
+from actors._process import tune_process
 from actors._ray import actor_by_name, named_actor
 from actors._routing import Router
 from actors.quota import QUOTA_ACTOR_NAME
@@ -26,6 +27,7 @@ __all__ = ["Selector", "selector_actors"]
 class Selector:
     def __init__(self, config: Config) -> None:
         configure_logging(config.logging)
+        tune_process(config)
         self.router = Router(config)
         self._config = config
         self._quota: Any = None

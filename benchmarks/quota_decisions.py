@@ -125,9 +125,12 @@ def settlements(decisions: Sequence[Any]) -> tuple[list[Settlement], int]:
 
 
 def bench_book(p: Params) -> dict[str, Any]:
+    from actors._process import tune_process
     from actors._quota_book import QuotaBook
 
-    book = QuotaBook(bench_config())
+    config = bench_config()
+    tune_process(config)  # as the quota actor's process does
+    book = QuotaBook(config)
     submit_s = settle_s = 0.0
     decided = granted = calls = 0
     submit_ms: list[float] = []

@@ -10,6 +10,7 @@ import signal
 import ray
 import structlog
 
+from actors._process import tune_process
 from pipeline.gateway import Gateway
 from pipeline.metrics import MetricsServer, start_metrics
 from topics.config import Config, resolve_secret
@@ -19,6 +20,9 @@ from topics.logs import configure_logging
 __all__ = ["init_ray", "run_gateway"]
 
 log = structlog.get_logger("quotaflow.gateway")
+
+# Read by a Ray node at start (RayConfig `worker_niceness`); see deploy/k8s for clusters.
+_WORKER_NICENESS_ENV = "RAY_worker_niceness"
 
 
 def init_ray(config: Config, *, join_only: bool = False) -> None:
@@ -30,6 +34,10 @@ def init_ray(config: Config, *, join_only: bool = False) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or ("auto" if join_only else None)
+    if address is None:
+        # Ray runs its workers at nice 15 by default: our actors *are* the gateway, and
+        # at 15 anything else on the machine (the broker, the load) starves them.
+        os.environ.setdefault(_WORKER_NICENESS_ENV, str(config.gateway.actor_niceness))
     try:
         ray.init(
             address=address,
@@ -47,6 +55,7 @@ def init_ray(config: Config, *, join_only: bool = False) -> None:
 async def run_gateway(config: Config) -> int:
     """`quotaflow run`: serve until SIGINT/SIGTERM, drain in-flight requests, commit, exit 0."""
     configure_logging(config.logging)
+    tune_process(config)
     for i, dep in enumerate(config.deployments):  # fail before Ray starts, naming the variable
         resolve_secret(dep.api_key_env, what=f"deployments[{i}] ({dep.name}).api_key_env")
     init_ray(config)

@@ -251,6 +251,16 @@ def test_tenant_daily_budget_refuses_what_can_never_fit_and_waits_for_refunds() 
     assert "daily token budget" in too_much.message
 
 
+def test_only_tenants_with_a_budget_are_written_through_on_settlement() -> None:
+    tenants = [{"name": "budgeted", "daily_tokens": 1000}, {"name": "free"}]
+    book = QuotaBook(_config({}, tenants=tenants), wall_ms=lambda: 0.0)
+    grants = book.submit([_ask(1, tenant="budgeted"), _ask(2, tenant="free")])
+    leases = [g.lease for g in grants if isinstance(g, Grant)]
+    assert len(leases) == 2
+    touched = book.settle([Settlement(lease, used_tokens=10) for lease in leases])
+    assert touched == {"budgeted"}
+
+
 def test_monthly_spend_budget_and_alerts() -> None:
     tenants = [{"name": "t", "monthly_budget_usd": 1.0}]
     price = {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}  # $0.001 a token

@@ -265,6 +265,11 @@ class GatewayConfig(_Section, frozen=True):
     # window go out as one `chunk` reply: fewer Kafka records per token. 0 = one per chunk.
     coalesce_ms: NonNegInt = 15
     headroom_refresh_ms: PositiveInt = 250
+    # Python's first GC threshold in every gateway process (0 = Python's default, 700).
+    gc_gen0_threshold: NonNegInt = 50_000
+    # Nice value of the actor processes of a Ray the gateway starts itself (Ray's own
+    # default is 15, below everything else on the machine).
+    actor_niceness: Annotated[int, msgspec.Meta(ge=-20, le=19)] = 0
     # Callers open a connection to every deployment at start (GET /models), so that the
     # first calls are not late; also names a refused key in the log before traffic.
     warm_connections: bool = True
