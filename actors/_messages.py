@@ -285,8 +285,18 @@ class Packed(list[_T], Generic[_T]):
         super().__init__(items)
         self.kind = kind
 
-    def __reduce__(self) -> tuple[Any, tuple[str, bytes]]:
-        return (_unpack, (self.kind, _ENCODER.encode(list(self))))
+    def __reduce__(self) -> tuple[Any, tuple[str, Any]]:
+        items = list(self)
+        try:
+            return (_unpack, (self.kind, _ENCODER.encode(items)))
+        except (OverflowError, TypeError):
+            # What msgpack cannot hold (a request body may carry an integer beyond 64
+            # bits: JSON allows it): this batch is pickled item by item, as Ray would.
+            return (_plain, (self.kind, items))
+
+
+def _plain(kind: str, items: list[Any]) -> Packed[Any]:
+    return Packed(kind, items)
 
 
 def _unpack(kind: str, blob: bytes) -> Packed[Any]:

@@ -57,6 +57,16 @@ def test_a_batch_pickles_as_one_blob_not_per_struct() -> None:
     assert isinstance(blob, bytes)
 
 
+def test_a_body_msgpack_cannot_hold_still_crosses() -> None:
+    # JSON allows integers past 64 bits; a request body is the user's.
+    body = {"model": "fast", "messages": [], "seed": 2**70, "metadata": {"n": -(2**65)}}
+    job = Job(3, Request(id="r-big", request=body), "replies", "fast", GRANT, 12, 1.0, None)
+    back = pickle.loads(ray.cloudpickle.dumps(Packed("job", [job])))  # type: ignore[no-untyped-call]
+    assert isinstance(back, Packed)
+    assert back.kind == "job"
+    assert list(back) == [job]
+
+
 def test_an_unknown_kind_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="'nope'"):
         Packed("nope", [])
