@@ -3,17 +3,143 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import time
-from collections.abc import Awaitable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
 
+import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    KafkaTimeoutError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+)
 
 from topics.config import Config, KafkaConfig
 
-__all__ = ["make_producer", "send_retrying"]
+__all__ = ["PRODUCER_DEAD_ERRORS", "ProducerHandle", "make_producer", "send_retrying"]
+
+log = structlog.get_logger("quotaflow.kafka")
+
+# What an idempotent aiokafka producer dies of: its sender task stops, every pending
+# record fails with the error and every later send raises it (aiokafka#1017). A record
+# that failed so was not written: sending it on a fresh producer (a new producer id) is safe.
+PRODUCER_DEAD_ERRORS: Final = (
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+)
+# How long a dead producer may take to stop once it has been replaced.
+_DEAD_STOP_TIMEOUT_S: Final = 5.0
+
+
+class ProducerHandle:
+    """An `AIOKafkaProducer` that is replaced when it has died.
+
+    A batch lost while the broker was away leaves the broker expecting sequence numbers
+    the producer has moved past; the next batch gets `OutOfOrderSequenceNumber` and
+    aiokafka stops the producer for good (the Java client bumps its epoch instead).
+    The send that finds it dead starts a fresh one and goes through on it; records that
+    failed on the old one are their senders' to send again (`ReplyStream` does)."""
+
+    def __init__(self, factory: Callable[[], AIOKafkaProducer], *, name: str) -> None:
+        self._factory = factory
+        self.name = name
+        self._current: AIOKafkaProducer | None = None
+        self._lock = asyncio.Lock()
+        self._stopping: set[asyncio.Task[None]] = set()
+        # A replacement under way: sends wait for it rather than go to the dead producer.
+        self._renewing: asyncio.Task[None] | None = None
+        self.renewals = 0
+
+    @property
+    def current(self) -> AIOKafkaProducer:
+        assert self._current is not None, "ProducerHandle.start() first"
+        return self._current
+
+    async def start(self) -> None:
+        producer = self._factory()
+        await producer.start()
+        self._current = producer
+
+    async def send(
+        self, topic: str, value: bytes | None = None, key: bytes | None = None, **kw: Any
+    ) -> Awaitable[Any]:
+        """`AIOKafkaProducer.send` (returns the delivery future), on a fresh producer if
+        the current one has died."""
+        if self._renewing is not None:
+            await asyncio.shield(self._renewing)
+        producer = self.current
+        try:
+            fut: asyncio.Future[Any] = await producer.send(topic, value=value, key=key, **kw)
+        except PRODUCER_DEAD_ERRORS as exc:
+            await self._renew(producer, exc)
+            producer = self.current
+            fut = await producer.send(topic, value=value, key=key, **kw)
+        fut.add_done_callback(functools.partial(self._delivered, producer))
+        return fut
+
+    def _delivered(self, producer: AIOKafkaProducer, fut: asyncio.Future[Any]) -> None:
+        # The broker refused a batch out of order: the producer may go on sending, but
+        # every later batch is refused the same way. Replace it now.
+        if fut.cancelled() or producer is not self._current or self._renewing is not None:
+            return
+        exc = fut.exception()
+        if isinstance(exc, PRODUCER_DEAD_ERRORS):
+            self._renewing = asyncio.get_running_loop().create_task(self._renew(producer, exc))
+            self._renewing.add_done_callback(self._renewed)
+
+    def _renewed(self, task: asyncio.Task[None]) -> None:
+        self._renewing = None
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("producer_renew_failed", producer=self.name, error=repr(exc))
+
+    async def send_and_wait(
+        self, topic: str, value: bytes | None = None, key: bytes | None = None, **kw: Any
+    ) -> Any:
+        """Send and wait for the acknowledgement. A record refused because the producer
+        died was not written: it is sent once more, on the fresh producer."""
+        producer = self.current
+        try:
+            return await (await self.send(topic, value=value, key=key, **kw))
+        except PRODUCER_DEAD_ERRORS as exc:
+            await self._renew(producer, exc)
+            return await (await self.send(topic, value=value, key=key, **kw))
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        parts: set[int] = await self.current.partitions_for(topic)
+        return parts
+
+    async def stop(self) -> None:
+        if self._current is not None:
+            await self._current.stop()
+        if self._stopping:
+            await asyncio.wait(self._stopping)
+
+    async def _renew(self, dead: AIOKafkaProducer, exc: BaseException) -> None:
+        async with self._lock:
+            if self._current is not dead:
+                return  # another send replaced it meanwhile
+            fresh = self._factory()
+            await fresh.start()
+            self._current = fresh
+            self.renewals += 1
+            log.warning("producer_renewed", producer=self.name, error=repr(exc))
+        task = asyncio.get_running_loop().create_task(self._stop_dead(dead))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    @staticmethod
+    async def _stop_dead(dead: AIOKafkaProducer) -> None:
+        with contextlib.suppress(Exception, TimeoutError):
+            await asyncio.wait_for(dead.stop(), _DEAD_STOP_TIMEOUT_S)
 
 
 async def send_retrying(
@@ -49,17 +175,23 @@ async def send_retrying(
             pause = min(pause * 2, config.send_retry_max_backoff_ms / 1000.0)
 
 
-async def make_producer(config: Config, *, client_suffix: str) -> AIOKafkaProducer:
-    """A started producer: idempotent (no duplicates or reordering on retry), acks=all."""
+async def make_producer(config: Config, *, client_suffix: str) -> ProducerHandle:
+    """A started producer: idempotent (no duplicates or reordering on retry), acks=all,
+    replaced when it dies (see `ProducerHandle`)."""
     k = config.kafka
-    producer = AIOKafkaProducer(
-        bootstrap_servers=k.bootstrap_servers,
-        client_id=f"{k.client_id}-{client_suffix}-{os.getpid()}",
-        linger_ms=k.producer_linger_ms,
-        max_batch_size=k.producer_max_batch_bytes,
-        request_timeout_ms=k.request_timeout_ms,
-        enable_idempotence=True,
-        acks="all",
-    )
-    await producer.start()
-    return producer
+    client_id = f"{k.client_id}-{client_suffix}-{os.getpid()}"
+
+    def factory() -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=k.bootstrap_servers,
+            client_id=client_id,
+            linger_ms=k.producer_linger_ms,
+            max_batch_size=k.producer_max_batch_bytes,
+            request_timeout_ms=k.request_timeout_ms,
+            enable_idempotence=True,
+            acks="all",
+        )
+
+    handle = ProducerHandle(factory, name=client_id)
+    await handle.start()
+    return handle

@@ -2,7 +2,10 @@
 
 Chunks are handed to the producer without waiting (it batches them); the terminal reply
 and the usage record are awaited together with every earlier send, so a request counts
-as finished only once Kafka holds all of its replies.
+as finished only once Kafka holds all of its replies. A reply whose delivery failed with
+a retriable error (a broker restarting) is sent again, after a reset, with everything
+after it: the client drops a `seq` at or below one it has seen, so a lost reply cannot
+be resent alone once a later one may have arrived.
 """
 
 from __future__ import annotations
@@ -12,10 +15,14 @@ import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
-from actors._kafka import send_retrying
+import msgspec
+import structlog
+from aiokafka.errors import KafkaError, KafkaTimeoutError
+
+from actors._kafka import PRODUCER_DEAD_ERRORS, send_retrying
 from topics.config import KafkaConfig, Price
 from topics.errors import ErrorCode
-from topics.specs import REPLY_ENCODER, USAGE_ENCODER
+from topics.specs import REPLY_DECODER, REPLY_ENCODER, USAGE_ENCODER
 from topics.wire import (
     ChunkReply,
     CompletionReply,
@@ -29,6 +36,10 @@ from topics.wire import (
 )
 
 __all__ = ["Producer", "ReplyStream", "cost_usd"]
+
+log = structlog.get_logger("quotaflow.replies")
+
+_RESEND_REASON = "replies were lost while the broker was away; they follow again"
 
 
 class Producer(Protocol):
@@ -65,6 +76,7 @@ class ReplyStream:
         "_producer",
         "_seq",
         "_usage_topic",
+        "_written",
         "recorded",
         "request_id",
         "sent_chunks",
@@ -91,10 +103,13 @@ class ReplyStream:
         self.tenant = tenant
         self._key = request_id.encode()
         self._seq = start_seq
-        self._pending: list[Awaitable[Any]] = []
+        # (topic, value, delivery future) of every send not yet acknowledged.
+        self._pending: list[tuple[str, bytes, Awaitable[Any]]] = []
         self.sent_chunks = 0
-        # With `record`, every reply value sent, in order (what an idempotent replay resends).
-        self.recorded: list[bytes] | None = [] if record else None
+        # Every reply value sent, in order: what a resend after a lost delivery starts
+        # from and, with `record`, what an idempotent replay resends.
+        self._written: list[bytes] = []
+        self.recorded: list[bytes] | None = self._written if record else None
         # With the Kafka settings, sends are retried through a broker restart.
         self._kafka = kafka
 
@@ -108,9 +123,8 @@ class ReplyStream:
         return s
 
     async def _send(self, value: bytes) -> None:
-        if self.recorded is not None:
-            self.recorded.append(value)
-        self._pending.append(await self._enqueue(self.topic, value))
+        self._written.append(value)
+        self._pending.append((self.topic, value, await self._enqueue(self.topic, value)))
 
     async def _enqueue(self, topic: str, value: bytes) -> Awaitable[Any]:
         if self._kafka is None:
@@ -150,6 +164,10 @@ class ReplyStream:
         timing: Timing,
         metadata: dict[str, Any] | None,
     ) -> None:
+        # Everything before the terminal is acknowledged first (a resend renumbers, so
+        # before the terminal takes its seq): a client that saw the terminal stops
+        # reading, and a reply lost before it could not be sent again.
+        await self.flush()
         reply = DoneReply(
             id=self.request_id,
             seq=self._next(),
@@ -191,6 +209,7 @@ class ReplyStream:
         deployment: str | None = None,
         usage_record: bool = True,
     ) -> None:
+        await self.flush()  # as in `done`
         reply = ErrorReply(
             id=self.request_id,
             seq=self._next(),
@@ -235,10 +254,76 @@ class ReplyStream:
             status=status,
             ts_ms=int(time.time() * 1000),
         )
-        self._pending.append(await self._enqueue(self._usage_topic, USAGE_ENCODER.encode(record)))
+        value = USAGE_ENCODER.encode(record)
+        self._pending.append(
+            (self._usage_topic, value, await self._enqueue(self._usage_topic, value))
+        )
 
     async def flush(self) -> None:
-        """Wait until Kafka acknowledged every reply sent so far (raises on failure)."""
-        pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)
+        """Wait until Kafka acknowledged every reply sent so far.
+
+        Deliveries that failed with a retriable error are sent again (see the module
+        docstring) until `kafka.send_retry_timeout_s` has passed; raises past that, or at
+        once on an error a resend cannot mend."""
+        give_up: float | None = None
+        pause = 0.0
+        while self._pending:
+            pending, self._pending = self._pending, []
+            results = await asyncio.gather(*(f for _, _, f in pending), return_exceptions=True)
+            failed = [
+                (p, r)
+                for p, r in zip(pending, results, strict=True)
+                if isinstance(r, BaseException)
+            ]
+            if not failed:
+                return
+            first = failed[0][1]
+            if self._kafka is None or not all(_retriable(r) for _, r in failed):
+                raise first
+            now = time.monotonic()
+            give_up = now + self._kafka.send_retry_timeout_s if give_up is None else give_up
+            if now >= give_up:
+                raise first
+            pause = min(
+                max(pause * 2, self._kafka.send_retry_backoff_ms / 1000.0),
+                self._kafka.send_retry_max_backoff_ms / 1000.0,
+            )
+            await asyncio.sleep(pause)  # the broker is away: give it a moment to come back
+            lost_reply = any(topic == self.topic for (topic, _, _), _ in failed)
+            log.warning(
+                "replies_resent",
+                request_id=self.request_id,
+                tenant=self.tenant,
+                failed=len(failed),
+                of=len(pending),
+                error=repr(first),
+            )
+            if lost_reply:
+                await self._resend_replies()
+            for (topic, value, _), _ in failed:
+                if topic != self.topic:  # the usage record stands alone: send it again
+                    self._pending.append((topic, value, await self._enqueue(topic, value)))
+
+    async def _resend_replies(self) -> None:
+        """A reset, then every reply since the last reset again, renumbered after it."""
+        replies = [REPLY_DECODER.decode(v) for v in self._written]
+        last_reset = max(
+            (i for i, r in enumerate(replies) if isinstance(r, ResetReply)), default=-1
+        )
+        again = replies[last_reset + 1 :]
+        await self._send(
+            REPLY_ENCODER.encode(
+                ResetReply(id=self.request_id, seq=self._next(), reason=_RESEND_REASON)
+            )
+        )
+        for r in again:
+            await self._send(REPLY_ENCODER.encode(msgspec.structs.replace(r, seq=self._next())))
+        self.sent_chunks = sum(isinstance(r, ChunkReply) for r in again)
+
+
+def _retriable(exc: BaseException) -> bool:
+    """A delivery failure that a later send may not meet: the broker was away, a leader
+    moved, or the producer died of it (the next send goes out on a fresh one)."""
+    if isinstance(exc, PRODUCER_DEAD_ERRORS):
+        return True
+    return isinstance(exc, KafkaError) and (exc.retriable or isinstance(exc, KafkaTimeoutError))

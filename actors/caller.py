@@ -323,7 +323,10 @@ class Caller:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush_now.wait(), self._flush_s)
             self._flush_now.clear()
-            await self._flush()
+            try:
+                await self._flush()
+            except Exception:  # the loop must outlive any one flush (it is logged)
+                log.exception("flush_loop_error")
 
     async def _flush(self) -> None:
         settle, self._settle = self._settle, []
@@ -333,9 +336,15 @@ class Caller:
         idem_puts, self._idem_puts = self._idem_puts, []
         idem_ends, self._idem_ends = self._idem_ends, []
         if held:
-            await self._store_results(idem_puts, idem_ends)
-            for owner, finished in held:
-                self._release(owner, finished)
+            if await self._store_results(idem_puts, idem_ends):
+                for owner, finished in held:
+                    self._release(owner, finished)
+            else:
+                # Kafka is away: the next flush tries again. The tickets are held until
+                # then, so their offsets stay uncommitted and a resend finds the result.
+                self._held[:0] = held
+                self._idem_puts[:0] = idem_puts
+                self._idem_ends[:0] = idem_ends
         if not settle and not puts and not late:
             return
         try:
@@ -359,12 +368,13 @@ class Caller:
             # reservation until its window entry expires: conservative, never over.
             log.warning("flush_failed", settlements=len(settle), cache_puts=len(puts))
 
-    async def _store_results(self, puts: list[IdemRecord], ends: list[str]) -> None:
-        """Results to the idempotency store, durable before their tickets count as finished."""
+    async def _store_results(self, puts: list[IdemRecord], ends: list[str]) -> bool:
+        """Results to the idempotency store, durable before their tickets count as finished.
+        False when the store could not write them (Kafka away): try again later."""
         try:
             _, _, shards = self._peers()
             if not shards:
-                return
+                return True
             calls: list[Any] = []
             by_shard: dict[int, list[IdemRecord]] = {}
             for r in puts:
@@ -382,6 +392,12 @@ class Caller:
             # The store is restarting: these results cannot be replayed to a resend, which
             # then runs again. Their answers are on the reply topic all the same.
             log.warning("idempotency_store_failed", results=len(puts), ended=len(ends))
+        except ray.exceptions.RayTaskError as exc:
+            log.warning(
+                "idempotency_store_retry", results=len(puts), ended=len(ends), error=repr(exc)
+            )
+            return False
+        return True
 
     async def stats(self) -> dict[str, Any]:
         """Counters since this incarnation started; `requests`: ((status, model), n) pairs,

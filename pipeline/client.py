@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from actors._kafka import ProducerHandle
 from pipeline._resume import ResetFilter
 from topics.errors import QuotaflowError
 from topics.specs import REPLY_DECODER, REQUEST_ENCODER
@@ -75,7 +76,7 @@ class QuotaflowClient:
         self.tenant = tenant
         self._api_key = api_key
         self._client_id = client_id
-        self._producer: AIOKafkaProducer | None = None
+        self._producer: ProducerHandle | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._queues: dict[str, asyncio.Queue[Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -98,11 +99,14 @@ class QuotaflowClient:
         await self.stop()
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap_servers,
-            client_id=self._client_id,
-            enable_idempotence=True,
-            linger_ms=0,
+        self._producer = ProducerHandle(
+            lambda: AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap_servers,
+                client_id=self._client_id,
+                enable_idempotence=True,
+                linger_ms=0,
+            ),
+            name=self._client_id,
         )
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(

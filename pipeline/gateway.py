@@ -387,7 +387,9 @@ class Gateway:
         stuck = [t for t in accepted if t in self._pending and t not in self._dispatched]
         await asyncio.gather(
             *(
-                self._answer(t, "internal", f"gateway stage failed: {type(exc).__name__}")
+                self._answer(
+                    t, "internal", f"gateway stage failed: {type(exc).__name__}", retryable=True
+                )
                 for t in stuck
             ),
             return_exceptions=True,
@@ -495,7 +497,10 @@ class Gateway:
             await asyncio.gather(
                 *(
                     self._answer(
-                        t, "internal", "gateway stage failed: idempotency record not stored"
+                        t,
+                        "internal",
+                        "gateway stage failed: idempotency record not stored",
+                        retryable=True,
                     )
                     for t in failed
                 ),
@@ -749,13 +754,56 @@ class Gateway:
             by_caller.setdefault(i, []).append(job)
             self._pending[job.ticket].caller = i
         self._dispatched.update(job.ticket for job in jobs)
-        await asyncio.gather(
+        results = await asyncio.gather(
             *(
                 callers[i].submit.remote(self.owner, Packed("job", batch))
                 for i, batch in by_caller.items()
+            ),
+            return_exceptions=True,
+        )
+        failed: list[Job] = []
+        for (i, batch), result in zip(by_caller.items(), results, strict=True):
+            # A caller that died is `_caller_lost`'s: it re-runs what was dispatched to it.
+            if isinstance(result, BaseException) and not isinstance(
+                result, ray.exceptions.RayActorError
+            ):
+                log.error("dispatch_failed", caller=i, jobs=len(batch), error=repr(result))
+                failed.extend(batch)
+        self.stats.dispatched += len(jobs) - len(failed)
+        if failed:
+            await self._undispatched(failed)
+
+    async def _undispatched(self, jobs: list[Job]) -> None:
+        """Jobs no caller took (it could not start, or the batch could not reach it): their
+        leases go back unused and each request gets a retryable `internal` error."""
+        for job in jobs:
+            self._dispatched.discard(job.ticket)
+            self._pending[job.ticket].caller = None
+        try:
+            await self.actors.quota.settle.remote(
+                Packed(
+                    "settlement",
+                    [
+                        Settlement(
+                            j.grant.lease, 0, deployment=j.grant.deployment, outcome="unused"
+                        )
+                        for j in jobs
+                    ],
+                )
+            )
+        except ray.exceptions.RayError as exc:  # the quota actor is away: its restart forgets them
+            log.warning("settle_failed", leases=len(jobs), error=repr(exc))
+        await asyncio.gather(
+            *(
+                self._answer(
+                    j.ticket,
+                    "internal",
+                    "the gateway could not hand the request to an upstream caller; send it again",
+                    retryable=True,
+                )
+                for j in jobs
             )
         )
-        self.stats.dispatched += len(jobs)
 
     # -- long polls -------------------------------------------------------------------
 

@@ -389,11 +389,16 @@ async def test_sigterm_with_streams_in_flight_answers_every_one_and_exits_0(stac
     await _partitions(stack.bootstrap, topic)
     stream_s = 16 * SLOW_STREAM_INTER_TOKEN_MS / 1000
     assert stack.config.gateway.drain_timeout_s < stream_s  # so some streams are cut
-    async with QuotaflowClient(stack.bootstrap, reply_topic=topic) as c:
-        futures, bodies, started = await _start_slow_streams(c, stack, n, "sigterm")
-        await _wait_for("streams under way", lambda: _true_when(started() >= n // 2))
-        code = await stack.gateway.stop()
-        answers = await asyncio.gather(*futures)
+    try:
+        async with QuotaflowClient(stack.bootstrap, reply_topic=topic) as c:
+            futures, bodies, started = await _start_slow_streams(c, stack, n, "sigterm")
+            await _wait_for("streams under way", lambda: _true_when(started() >= n // 2))
+            code = await stack.gateway.stop()
+            answers = await asyncio.gather(*futures)
+    finally:
+        proc = stack.gateway.proc
+        if proc is None or proc.poll() is not None:
+            await stack.gateway.start()  # for the tests after this one, whatever happened
     assert code == 0
     assert all(_one_terminal(a) for a in answers)
     for a, b in zip(answers, bodies, strict=True):
@@ -406,7 +411,6 @@ async def test_sigterm_with_streams_in_flight_answers_every_one_and_exits_0(stac
         f"\nsigterm: {sum(isinstance(a.terminal, DoneReply) for a in answers)} of {n} completed, "
         "the rest ended with a retryable error"
     )
-    await stack.gateway.start()  # for the tests after this one
 
 
 # -- deadlines ----------------------------------------------------------------------------

@@ -132,6 +132,7 @@ async def test_max_cost_excludes_models_that_could_exceed_it(
     assert stack.sim_calls(request.id) == []
 
 
+@pytest.mark.fresh_quota
 async def test_saturation_keeps_both_deployments_busy(
     stack: Stack, client: QuotaflowClient
 ) -> None:
@@ -139,8 +140,9 @@ async def test_saturation_keeps_both_deployments_busy(
     rest waits; the rest is never granted a slot before its deadline (under 60 s)."""
     limits = {dep: rpm for dep, _, rpm in SAT_LANES}
     n = sum(limits.values()) + SAT_EXTRA
-    # A gateway restarted by an earlier test restores its quota conservatively: it holds
-    # what its last checkpoint could have missed for one window span. Start from idle.
+    # A restarted gateway restores its quota conservatively: it holds what its last
+    # checkpoint could have missed for one window span. `fresh_quota` runs this before
+    # the tests that restart it; the wait is for a session run in another order.
     give_up = time.monotonic() + 2 * 60 + ANSWER_TIMEOUT_S
     while True:
         deps = (await asyncio.to_thread(stack.status))["quota"]["deployments"]
