@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import math
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ __all__ = [
     "REPO",
     "RESULTS_DIR",
     "add_row",
+    "bench_work",
     "http_json",
     "leftovers",
     "machine",
@@ -261,6 +265,44 @@ def leftovers(work: Path, ray_owner_pid: int | None) -> dict[int, str]:
         for pid, cmd in _cmdlines().items()
         if pid != me and (needle in cmd or (session is not None and session.search(cmd)))
     }
+
+
+@contextlib.contextmanager
+def bench_work(
+    name: str, *, keep: bool, owner_keys: Sequence[str] = ("gateway_pid",)
+) -> Iterator[tuple[Path, dict[str, Any], dict[int, str]]]:
+    """A run's work directory, its notes and (filled on exit) the processes it left behind.
+
+    The notes say what else shared the cores (load average, other stacks) at the start and
+    the end. `owner_keys` name the notes holding the pids (or lists of pids) whose Ray
+    sessions belong to the run. The directory is removed after a clean run unless `keep`;
+    kept, it is named on stderr."""
+    work = Path(tempfile.mkdtemp(prefix=f"qf-bench-{name}-"))
+    notes: dict[str, Any] = {
+        "work_dir": str(work),
+        "loadavg_at_start": os.getloadavg(),
+        "other_stacks_at_start": other_stacks(),
+    }
+    left: dict[int, str] = {}
+    ok = False
+    try:
+        yield work, notes, left
+        ok = True
+    finally:
+        notes["loadavg_at_end"] = os.getloadavg()
+        notes["other_stacks_at_end"] = other_stacks() - len(leftovers(work, None))
+        owners: list[int | None] = [None]
+        for key in owner_keys:
+            value = notes.get(key)
+            owners.extend(value if isinstance(value, list) else [value])
+        for pid in owners:
+            left.update(leftovers(work, pid))
+        if left:
+            print(f"warning: processes left behind: {left}", file=sys.stderr)
+        if ok and not keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"logs kept in {work}", file=sys.stderr)
 
 
 def http_json(url: str, *, method: str = "GET", timeout_s: float = 10.0) -> Any:

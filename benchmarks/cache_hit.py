@@ -31,10 +31,8 @@ import itertools
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -53,10 +51,9 @@ from actors._messages import CacheEntry
 from benchmarks._common import (
     REPO,
     add_row,
-    leftovers,
+    bench_work,
     machine,
     machine_summary,
-    other_stacks,
     percentiles,
     publish,
     start_simulator,
@@ -493,27 +490,8 @@ async def run(p: Params) -> dict[str, Any]:
     """The whole benchmark; returns what goes to the results JSON."""
     started = datetime.now()
     t0 = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="qf-bench-cache-"))
-    notes: dict[str, Any] = {
-        "work_dir": str(work),
-        "loadavg_at_start": os.getloadavg(),
-        "other_stacks_at_start": other_stacks(),
-    }
-    ok = False
-    left: dict[int, str] = {}
-    try:
+    with bench_work("cache", keep=p.keep, owner_keys=("gateway_pids",)) as (work, notes, left):
         phases = await _measure(p, work, notes)
-        ok = True
-    finally:
-        notes["loadavg_at_end"] = os.getloadavg()
-        for pid in notes.get("gateway_pids", []):
-            left.update(leftovers(work, pid))
-        if left:
-            print(f"warning: processes left behind: {left}", file=sys.stderr)
-        if ok and not p.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"logs kept in {work}", file=sys.stderr)
     return {
         "benchmark": NAME,
         "started_at": started.isoformat(timespec="seconds"),

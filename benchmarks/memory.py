@@ -32,12 +32,8 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -50,10 +46,9 @@ from typing import Any
 from benchmarks._common import (
     REPO,
     add_row,
-    leftovers,
+    bench_work,
     machine,
     machine_summary,
-    other_stacks,
     percentiles,
     publish,
     start_simulator,
@@ -606,27 +601,12 @@ async def run(p: Params) -> dict[str, Any]:
     """The whole benchmark; returns what goes to the results JSON."""
     started = datetime.now()
     t0 = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="qf-bench-memory-"))
-    notes: dict[str, Any] = {
-        "work_dir": str(work),
-        "loadavg_at_start": os.getloadavg(),
-        "other_stacks_at_start": other_stacks(),
-    }
-    ok = False
-    left: dict[int, str] = {}
-    try:
+    with bench_work("memory", keep=p.keep, owner_keys=("hold_gateway_pid", "soak_gateway_pid")) as (
+        work,
+        notes,
+        left,
+    ):
         phases = await _measure(p, work, notes)
-        ok = True
-    finally:
-        notes["loadavg_at_end"] = os.getloadavg()
-        for phase in ("hold", "soak"):
-            left |= leftovers(work, notes.get(f"{phase}_gateway_pid"))
-        if left:
-            print(f"warning: processes left behind: {left}", file=sys.stderr)
-        if ok and not p.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"logs kept in {work}", file=sys.stderr)
     return {
         "benchmark": NAME,
         "started_at": started.isoformat(timespec="seconds"),

@@ -37,9 +37,7 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -54,11 +52,10 @@ import openai
 from benchmarks._common import (
     REPO,
     add_row,
+    bench_work,
     http_json,
-    leftovers,
     machine,
     machine_summary,
-    other_stacks,
     percentiles,
     publish,
     start_simulator,
@@ -620,26 +617,9 @@ def _summarise(phase: Phase, p: Params) -> dict[str, Any]:
 async def run(p: Params) -> dict[str, Any]:
     started = datetime.now()
     t0 = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="qf-bench-quota-util-"))
-    notes: dict[str, Any] = {
-        "work_dir": str(work),
-        "loadavg_at_start": os.getloadavg(),
-        "other_stacks_at_start": other_stacks(),
-    }
-    ok = False
     phases: list[Phase] = []
-    try:
+    with bench_work("quota-util", keep=p.keep) as (work, notes, left):
         phases = await _measure(p, work, notes)
-        ok = True
-    finally:
-        notes["loadavg_at_end"] = os.getloadavg()
-        left = leftovers(work, notes.get("gateway_pid"))
-        if left:
-            print(f"warning: processes left behind: {left}", file=sys.stderr)
-        if ok and not p.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"logs kept in {work}", file=sys.stderr)
     return {
         "benchmark": NAME,
         "started_at": started.isoformat(timespec="seconds"),

@@ -28,12 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import random
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -45,10 +41,9 @@ from typing import Any
 from benchmarks._common import (
     REPO,
     add_row,
-    leftovers,
+    bench_work,
     machine,
     machine_summary,
-    other_stacks,
     percentiles,
     publish,
     start_simulator,
@@ -329,26 +324,9 @@ async def run(p: Params) -> dict[str, Any]:
     """The whole benchmark; returns what goes to the results JSON."""
     started = datetime.now()
     t0 = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="qf-bench-routing-"))
-    notes: dict[str, Any] = {
-        "work_dir": str(work),
-        "loadavg_at_start": os.getloadavg(),
-        "other_stacks_at_start": other_stacks(),
-    }
     prompts = workload(p.n, p.seed)
-    ok = False
-    try:
+    with bench_work("routing", keep=p.keep) as (work, notes, left):
         phases = await _measure(p, prompts, work, notes)
-        ok = True
-    finally:
-        notes["loadavg_at_end"] = os.getloadavg()
-        left = leftovers(work, notes.get("gateway_pid"))
-        if left:
-            print(f"warning: processes left behind: {left}", file=sys.stderr)
-        if ok and not p.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"logs kept in {work}", file=sys.stderr)
     series = {ph.name: _summarise(ph, p.n) for ph in phases}
     auto, flag = series["auto"], series["flagship"]
     return {

@@ -36,10 +36,7 @@ import asyncio
 import contextlib
 import os
 import resource
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -53,10 +50,9 @@ import openai
 from benchmarks._common import (
     REPO,
     add_row,
-    leftovers,
+    bench_work,
     machine,
     machine_summary,
-    other_stacks,
     percentiles,
     publish,
     start_simulator,
@@ -608,26 +604,8 @@ async def run(p: Params) -> dict[str, Any]:
     """The whole benchmark; returns what goes to the results JSON."""
     started = datetime.now()
     t0 = _now()
-    work = Path(tempfile.mkdtemp(prefix="qf-bench-throughput-"))
-    notes: dict[str, Any] = {
-        "work_dir": str(work),
-        "loadavg_at_start": os.getloadavg(),
-        "other_stacks_at_start": other_stacks(),
-    }
-    ok = False
-    try:
+    with bench_work("throughput", keep=p.keep) as (work, notes, left):
         measured = await _measure(p, work, notes)
-        ok = True
-    finally:
-        notes["loadavg_at_end"] = os.getloadavg()
-        notes["other_stacks_at_end"] = other_stacks() - len(leftovers(work, None))
-        left = leftovers(work, notes.get("gateway_pid"))
-        if left:
-            print(f"warning: processes left behind: {left}", file=sys.stderr)
-        if ok and not p.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"logs kept in {work}", file=sys.stderr)
     return {
         "benchmark": NAME,
         "started_at": started.isoformat(timespec="seconds"),

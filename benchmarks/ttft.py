@@ -31,10 +31,7 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,10 +47,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from benchmarks._common import (
     REPO,
     add_row,
-    leftovers,
+    bench_work,
     machine,
     machine_summary,
-    other_stacks,
     percentiles,
     publish,
     start_simulator,
@@ -547,27 +543,8 @@ async def run(p: Params) -> dict[str, Any]:
     """The whole benchmark; returns what goes to the results JSON."""
     started = datetime.now()
     t0 = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="qf-bench-ttft-"))
-    # Anything else running shares the cores: say so in the results.
-    notes: dict[str, Any] = {
-        "work_dir": str(work),
-        "loadavg_at_start": os.getloadavg(),
-        "other_stacks_at_start": other_stacks(),
-    }
-    ok = False
-    try:
+    with bench_work("ttft", keep=p.keep) as (work, notes, left):
         raw = await _measure(p, work, notes)
-        ok = True
-    finally:
-        notes["loadavg_at_end"] = os.getloadavg()
-        notes["other_stacks_at_end"] = other_stacks() - len(leftovers(work, None))
-        left = leftovers(work, notes.get("gateway_pid"))
-        if left:
-            print(f"warning: processes left behind: {left}", file=sys.stderr)
-        if ok and not p.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"logs kept in {work}", file=sys.stderr)
     return {
         "benchmark": NAME,
         "started_at": started.isoformat(timespec="seconds"),
