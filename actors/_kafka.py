@@ -23,7 +23,13 @@ from aiokafka.errors import (
 
 from topics.config import Config, KafkaConfig
 
-__all__ = ["PRODUCER_DEAD_ERRORS", "ProducerHandle", "make_producer", "send_retrying"]
+__all__ = [
+    "PRODUCER_DEAD_ERRORS",
+    "ProducerHandle",
+    "make_producer",
+    "pace_metadata_retries",
+    "send_retrying",
+]
 
 log = structlog.get_logger("quotaflow.kafka")
 
@@ -38,6 +44,24 @@ PRODUCER_DEAD_ERRORS: Final = (
 )
 # How long a dead producer may take to stop once it has been replaced.
 _DEAD_STOP_TIMEOUT_S: Final = 5.0
+
+
+def pace_metadata_retries(client: Any, backoff_s: float) -> None:
+    """Pause `backoff_s` after each failed metadata update of an `AIOKafkaClient`.
+
+    aiokafka's metadata synchronizer retries at once: while a record waits for a
+    partition leader and the broker is away, the producer's sender and the synchronizer
+    wake each other forever, each turn a refused connection and two ERROR log lines. On
+    2 cores that starved the broker's own restart (its JVM took 60-100 s to start)."""
+    update = client._metadata_update  # the one method the synchronizer calls
+
+    async def paced(cluster: Any, topics: Any) -> bool:
+        ok: bool = await update(cluster, topics)
+        if not ok:
+            await asyncio.sleep(backoff_s)
+        return ok
+
+    client._metadata_update = paced
 
 
 class ProducerHandle:
@@ -182,7 +206,7 @@ async def make_producer(config: Config, *, client_suffix: str) -> ProducerHandle
     client_id = f"{k.client_id}-{client_suffix}-{os.getpid()}"
 
     def factory() -> AIOKafkaProducer:
-        return AIOKafkaProducer(
+        producer = AIOKafkaProducer(
             bootstrap_servers=k.bootstrap_servers,
             client_id=client_id,
             linger_ms=k.producer_linger_ms,
@@ -191,6 +215,8 @@ async def make_producer(config: Config, *, client_suffix: str) -> ProducerHandle
             enable_idempotence=True,
             acks="all",
         )
+        pace_metadata_retries(producer.client, k.metadata_retry_backoff_ms / 1000.0)
+        return producer
 
     handle = ProducerHandle(factory, name=client_id)
     await handle.start()

@@ -21,8 +21,9 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from actors._kafka import ProducerHandle
+from actors._kafka import ProducerHandle, pace_metadata_retries
 from pipeline._resume import ResetFilter
+from topics.config import KafkaConfig
 from topics.errors import QuotaflowError
 from topics.specs import REPLY_DECODER, REQUEST_ENCODER
 from topics.wire import (
@@ -40,6 +41,8 @@ from topics.wire import (
 __all__ = ["Answer", "QuotaflowClient"]
 
 TERMINAL = (DoneReply, ErrorReply)
+# The gateway's default (`kafka.metadata_retry_backoff_ms`): see `pace_metadata_retries`.
+_METADATA_RETRY_BACKOFF_S = KafkaConfig().metadata_retry_backoff_ms / 1000.0
 
 
 class Answer(msgspec.Struct, kw_only=True):
@@ -98,16 +101,18 @@ class QuotaflowClient:
     ) -> None:
         await self.stop()
 
-    async def start(self) -> None:
-        self._producer = ProducerHandle(
-            lambda: AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap_servers,
-                client_id=self._client_id,
-                enable_idempotence=True,
-                linger_ms=0,
-            ),
-            name=self._client_id,
+    def _new_producer(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=self._client_id,
+            enable_idempotence=True,
+            linger_ms=0,
         )
+        pace_metadata_retries(producer.client, _METADATA_RETRY_BACKOFF_S)
+        return producer
+
+    async def start(self) -> None:
+        self._producer = ProducerHandle(self._new_producer, name=self._client_id)
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap_servers,
@@ -115,6 +120,7 @@ class QuotaflowClient:
             group_id=None,
             enable_auto_commit=False,
         )
+        pace_metadata_retries(self._consumer._client, _METADATA_RETRY_BACKOFF_S)
         await self._consumer.start()
         partitions = await self._wait_partitions(self.reply_topic)
         tps = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]

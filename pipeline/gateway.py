@@ -33,7 +33,7 @@ from actors._cache_flight import Digest, FlightWatch
 from actors._cache_keys import cache_key, cacheable, tenant_scope
 from actors._histogram import Tally
 from actors._idempotency import RERUN_SEQ_STRIDE, IdemClaim
-from actors._kafka import make_producer, send_retrying
+from actors._kafka import make_producer, pace_metadata_retries, send_retrying
 from actors._messages import (
     Ask,
     CacheLookup,
@@ -225,6 +225,7 @@ class Gateway:
             auto_offset_reset="earliest",
             max_poll_records=cfg.gateway.fetch_max_records,
         )
+        pace_metadata_retries(self._consumer._client, cfg.kafka.metadata_retry_backoff_ms / 1000.0)
         self._consumer.subscribe([cfg.topics.requests], listener=_Rebalance(self))
         await self._consumer.start()
         self._spawn(self._grant_loop())

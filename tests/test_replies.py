@@ -13,13 +13,14 @@ from typing import Any, ClassVar
 
 import msgspec
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import (
     LeaderNotAvailableError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
 )
 
-from actors._kafka import ProducerHandle
+from actors._kafka import ProducerHandle, pace_metadata_retries
 from actors._replies import ReplyStream
 from topics.config import KafkaConfig
 from topics.specs import REPLY_DECODER, USAGE_DECODER
@@ -254,3 +255,36 @@ async def test_a_reply_stream_mends_what_a_dying_producer_lost(dies: bool) -> No
     assert isinstance(kept[-1], DoneReply)
     assert any(isinstance(r, ResetReply) for r in kept)
     assert len(reader.usage()) == 1
+
+
+# -- metadata retries while the broker is away --------------------------------------------
+
+
+async def test_failed_metadata_updates_are_paced(monkeypatch: pytest.MonkeyPatch) -> None:
+    pauses: list[float] = []
+
+    async def record_sleep(s: float) -> None:
+        pauses.append(s)
+
+    class _Client:
+        def __init__(self) -> None:
+            self.results = [False, False, True]
+
+        async def _metadata_update(self, _cluster: Any, _topics: Any) -> bool:
+            return self.results.pop(0)
+
+    client = _Client()
+    pace_metadata_retries(client, 0.2)
+    monkeypatch.setattr(asyncio, "sleep", record_sleep)
+    assert [await client._metadata_update(None, None) for _ in range(3)] == [False, False, True]
+    assert pauses == [0.2, 0.2]  # after each failure, none after the success
+
+
+async def test_the_aiokafka_clients_have_the_method_that_is_paced() -> None:
+    # Private API: if aiokafka renames it, this fails rather than the pacing going silent.
+    producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:9")
+    consumer = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:9")
+    for client in (producer.client, consumer._client):
+        before = client._metadata_update
+        pace_metadata_retries(client, 0.2)
+        assert client._metadata_update is not before

@@ -80,6 +80,9 @@ class KafkaConfig(_Section, frozen=True):
     send_retry_timeout_s: PositiveFloat = 120.0
     send_retry_backoff_ms: PositiveInt = 100
     send_retry_max_backoff_ms: PositiveInt = 2_000
+    # aiokafka retries a failed metadata update at once while a record waits for a
+    # partition leader: with the broker away, a busy loop. Each failure waits this long.
+    metadata_retry_backoff_ms: PositiveInt = 200
     # A dead letter too large for the producer with its headers keeps this many bytes
     # of the original value (header `truncated_from_bytes` gives the full size).
     dlq_max_value_bytes: PositiveInt = 1_000_000
