@@ -7,7 +7,7 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final
 
 import structlog
@@ -28,6 +28,8 @@ __all__ = [
     "ProducerHandle",
     "make_producer",
     "pace_metadata_retries",
+    "retriable",
+    "retry_pauses",
     "send_retrying",
 ]
 
@@ -183,7 +185,7 @@ async def send_retrying(
     Gives up after `kafka.send_retry_timeout_s`. Returns the delivery future.
     """
     give_up = time.monotonic() + config.send_retry_timeout_s
-    pause = config.send_retry_backoff_ms / 1000.0
+    pauses = retry_pauses(config)
     while True:
         try:
             kwargs: dict[str, Any] = {"value": value, "key": key}
@@ -192,11 +194,24 @@ async def send_retrying(
             fut: Awaitable[Any] = await producer.send(topic, **kwargs)
             return fut
         except KafkaError as exc:
-            retriable = exc.retriable or isinstance(exc, KafkaTimeoutError)
-            if not retriable or time.monotonic() + pause > give_up:
+            pause = next(pauses)
+            if not retriable(exc) or time.monotonic() + pause > give_up:
                 raise
             await asyncio.sleep(pause)
-            pause = min(pause * 2, config.send_retry_max_backoff_ms / 1000.0)
+
+
+def retriable(exc: BaseException) -> bool:
+    """A Kafka error that a later attempt may not meet (the broker away, no leader yet)."""
+    return isinstance(exc, KafkaError) and (exc.retriable or isinstance(exc, KafkaTimeoutError))
+
+
+def retry_pauses(config: KafkaConfig) -> Iterator[float]:
+    """Seconds between send retries: `send_retry_backoff_ms`, doubling up to
+    `send_retry_max_backoff_ms`."""
+    pause = config.send_retry_backoff_ms / 1000.0
+    while True:
+        yield pause
+        pause = min(pause * 2, config.send_retry_max_backoff_ms / 1000.0)
 
 
 async def make_producer(config: Config, *, client_suffix: str) -> ProducerHandle:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import Any, Protocol
 
 import msgspec
 import structlog
-from aiokafka.errors import KafkaError, KafkaTimeoutError
 
-from actors._kafka import PRODUCER_DEAD_ERRORS, send_retrying
+from actors._kafka import PRODUCER_DEAD_ERRORS, retriable, retry_pauses, send_retrying
 from topics.config import KafkaConfig, Price
 from topics.errors import ErrorCode
 from topics.specs import REPLY_DECODER, REPLY_ENCODER, USAGE_ENCODER
@@ -265,8 +264,8 @@ class ReplyStream:
         Deliveries that failed with a retriable error are sent again (see the module
         docstring) until `kafka.send_retry_timeout_s` has passed; raises past that, or at
         once on an error a resend cannot mend."""
-        give_up: float | None = None
-        pause = 0.0
+        give_up = 0.0
+        pauses: Iterator[float] | None = None
         while self._pending:
             pending, self._pending = self._pending, []
             results = await asyncio.gather(*(f for _, _, f in pending), return_exceptions=True)
@@ -280,15 +279,13 @@ class ReplyStream:
             first = failed[0][1]
             if self._kafka is None or not all(_retriable(r) for _, r in failed):
                 raise first
-            now = time.monotonic()
-            give_up = now + self._kafka.send_retry_timeout_s if give_up is None else give_up
-            if now >= give_up:
+            if pauses is None:
+                give_up = time.monotonic() + self._kafka.send_retry_timeout_s
+                pauses = retry_pauses(self._kafka)
+            if time.monotonic() >= give_up:
                 raise first
-            pause = min(
-                max(pause * 2, self._kafka.send_retry_backoff_ms / 1000.0),
-                self._kafka.send_retry_max_backoff_ms / 1000.0,
-            )
-            await asyncio.sleep(pause)  # the broker is away: give it a moment to come back
+            # The broker is away: give it a moment to come back.
+            await asyncio.sleep(next(pauses))
             lost_reply = any(topic == self.topic for (topic, _, _), _ in failed)
             log.warning(
                 "replies_resent",
@@ -324,6 +321,4 @@ class ReplyStream:
 def _retriable(exc: BaseException) -> bool:
     """A delivery failure that a later send may not meet: the broker was away, a leader
     moved, or the producer died of it (the next send goes out on a fresh one)."""
-    if isinstance(exc, PRODUCER_DEAD_ERRORS):
-        return True
-    return isinstance(exc, KafkaError) and (exc.retriable or isinstance(exc, KafkaTimeoutError))
+    return isinstance(exc, PRODUCER_DEAD_ERRORS) or retriable(exc)

@@ -290,13 +290,12 @@ def bench_work(
         ok = True
     finally:
         notes["loadavg_at_end"] = os.getloadavg()
-        notes["other_stacks_at_end"] = other_stacks() - len(leftovers(work, None))
-        owners: list[int | None] = [None]
+        left.update(leftovers(work, None))  # what names the work dir
+        notes["other_stacks_at_end"] = other_stacks() - len(left)
         for key in owner_keys:
             value = notes.get(key)
-            owners.extend(value if isinstance(value, list) else [value])
-        for pid in owners:
-            left.update(leftovers(work, pid))
+            for pid in value if isinstance(value, list) else [value]:
+                left.update(leftovers(work, pid))
         if left:
             print(f"warning: processes left behind: {left}", file=sys.stderr)
         if ok and not keep:

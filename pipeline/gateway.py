@@ -88,6 +88,11 @@ def start_actors(config: Config) -> Actors:
     )
 
 
+def _unused(grant: Grant) -> Settlement:
+    """The settlement that gives a grant back whole: no call was made on it."""
+    return Settlement(grant.lease, 0, deployment=grant.deployment, outcome="unused")
+
+
 @dataclass
 class _Pending:
     tp: TopicPartition
@@ -707,9 +712,7 @@ class Gateway:
                 if p is None or p.model is None or d.ticket in self._dispatched:
                     # A second grant for one ticket (asked again after a quota restart),
                     # or one for a request answered meanwhile: give it back unused.
-                    returned.append(
-                        Settlement(d.lease, 0, deployment=d.deployment, outcome="unused")
-                    )
+                    returned.append(_unused(d))
                     continue
                 jobs.append(
                     Job(
@@ -734,11 +737,7 @@ class Gateway:
             # Usually stored long ago: the claim's write overlapped routing and quota.
             lost = await self._unstored(j.ticket for j in jobs)
             if lost:
-                returned.extend(
-                    Settlement(j.grant.lease, 0, deployment=j.grant.deployment, outcome="unused")
-                    for j in jobs
-                    if j.ticket in lost
-                )
+                returned.extend(_unused(j.grant) for j in jobs if j.ticket in lost)
                 jobs = [j for j in jobs if j.ticket not in lost]
         if returned:
             await self.actors.quota.settle.remote(Packed("settlement", returned))
@@ -782,15 +781,7 @@ class Gateway:
             self._pending[job.ticket].caller = None
         try:
             await self.actors.quota.settle.remote(
-                Packed(
-                    "settlement",
-                    [
-                        Settlement(
-                            j.grant.lease, 0, deployment=j.grant.deployment, outcome="unused"
-                        )
-                        for j in jobs
-                    ],
-                )
+                Packed("settlement", [_unused(j.grant) for j in jobs])
             )
         except ray.exceptions.RayError as exc:  # the quota actor is away: its restart forgets them
             log.warning("settle_failed", leases=len(jobs), error=repr(exc))
