@@ -178,7 +178,12 @@ class DeploymentBuckets:
         return not self.exhausted and self.breaker.state(now) != "open"
 
     def can_ever_fit(self, tokens: int) -> bool:
-        return all(tokens <= w.limit for w in self.tokens if id(w) not in self.short)
+        # A plain loop, not `all()` over a generator: 0.1 us instead of 0.6 (it runs for
+        # every candidate of every ask).
+        for w in self.tokens:  # noqa: SIM110
+            if tokens > w.limit and id(w) not in self.short:
+                return False
+        return True
 
     def fits(self, tokens: int, now: float) -> bool:
         if self.exhausted or now < self.frozen_until or not self.breaker.allows(now):
@@ -241,6 +246,9 @@ class TenantBuckets:
     month_reserved_usd: float = 0.0
     vtime: float = 0.0
     alerts_fired: set[tuple[str, float]] = field(default_factory=set)
+    # The UTC day (wall ms, [start, end)) the keys were last rolled in: within it nothing
+    # can change, so `roll` returns at once (it runs for every ask).
+    rolled_day_ms: tuple[float, float] = (0.0, 0.0)
 
     @classmethod
     def of(cls, t: Tenant | None, name: str, margin_s: float) -> TenantBuckets:
@@ -269,7 +277,11 @@ class TenantBuckets:
 
     def roll(self, wall_ms: float) -> None:
         """Start a new day / month of budget when the UTC calendar says so."""
+        start, end = self.rolled_day_ms
+        if start <= wall_ms < end:
+            return
         day = int(wall_ms // (DAY_S * 1000))
+        self.rolled_day_ms = (day * DAY_S * 1000.0, (day + 1) * DAY_S * 1000.0)
         if day != self.day_key:
             self.day_key, self.day_used, self.day_used_usd = day, 0, 0.0
             self.alerts_fired = {
@@ -607,7 +619,7 @@ class QuotaBook:
         if dep.short:
             for w, e in (*request_entries, *entries):
                 if id(w) in dep.short:
-                    e.expires_at += self._unconfirmed_hold_s
+                    w.postpone(e, self._unconfirmed_hold_s, at)
         self._leases[lease] = _Lease(
             deployment=dep,
             tenant=tenant,

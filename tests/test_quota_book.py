@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from actors._messages import Ask, Grant, Observation, Queued, Refusal, Settlement
 from actors._quota_book import QuotaBook
@@ -80,6 +82,50 @@ def test_window_expires_after_span_and_adjusts() -> None:
     assert w.free_at(11, now=6.0) is None  # larger than the limit: never
     assert w.used(now=60.0) == 8
     assert w.used(now=65.0) == 0
+
+
+def _dump_from_scratch(w: SlidingWindow, now: float) -> list[tuple[float, float]]:
+    """(expiry, amount) of every live entry, summed by nothing: what `dump` must cover."""
+    return [(e.expires_at, e.amount) for e in w._entries if e.amount]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add", "adjust", "postpone", "expire_at", "wait"]),
+            st.integers(min_value=0, max_value=50),
+            st.floats(min_value=0.0, max_value=3.0),
+        ),
+        max_size=60,
+    ),
+    st.sampled_from([0.0, 0.5]),
+)
+def test_dump_sums_stay_right_through_every_change(
+    ops: list[tuple[str, int, float]], bucket_s: float
+) -> None:
+    """The per-step sums kept as entries change give what summing the entries would: each
+    entry's amount at or after its own expiry, within one step, nothing lost or doubled."""
+    w = SlidingWindow(limit=10_000, span_s=2.0, bucket_s=bucket_s)
+    now = 0.0
+    entries = []
+    for op, n, dt in ops:
+        now += dt / 4
+        if op == "add":
+            entries.append(w.add(n, now))
+        elif entries and op == "adjust":
+            w.adjust(entries[n % len(entries)], n - 25, now)
+        elif entries and op == "postpone":
+            w.postpone(entries[n % len(entries)], dt, now)
+        elif entries and op == "expire_at":
+            w.expire_at(entries[n % len(entries)], now + dt - 1.0, now)
+        dumped = w.dump(now)
+        live = _dump_from_scratch(w, now)
+        assert sum(a for _, a in dumped) == sum(a for _, a in live) == w.used(now)
+        # Every entry's amount is dumped at a ttl no earlier than its own, within a step.
+        for expires_at, amount in live:
+            ttl = expires_at - now
+            assert any(ttl - 1e-9 <= t <= ttl + 0.1 + 1e-9 and a >= amount for t, a in dumped)
 
 
 def test_rpm_limit_grants_then_queues_and_admits_when_window_frees() -> None:
