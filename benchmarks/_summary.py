@@ -53,7 +53,9 @@ class Line:
 
 
 def latest_result(name: str, results_dir: Path = RESULTS_DIR) -> dict[str, Any] | None:
-    """The newest `<name>-YYYYMMDD-HHMMSS.json` (by its stamp), or None."""
+    """The newest `<name>-YYYYMMDD-HHMMSS.json` (by its stamp) of the gateway as
+    configured by default, or None: A/B runs of a changed setting (`--gateway`) are not
+    the figure of record."""
     stamped = re.compile(rf"^{re.escape(name)}-(\d{{8}}-\d{{6}})\.json$")
     found = sorted(
         (m.group(1), p)
@@ -64,6 +66,8 @@ def latest_result(name: str, results_dir: Path = RESULTS_DIR) -> dict[str, Any] 
         try:
             data: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError):
+            continue
+        if data.get("params", {}).get("gateway"):
             continue
         data.setdefault("_path", path.name)
         return data

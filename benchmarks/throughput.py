@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import resource
 import subprocess
@@ -100,6 +101,8 @@ class Params:
     litellm_streaming_logging: bool = False
     keep: bool = False
     record: bool = True
+    # `gateway.<key>` settings of the gateway under test (A/B runs of one setting).
+    gateway: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(slots=True)
@@ -508,6 +511,7 @@ async def _measure(p: Params, work: Path, notes: dict[str, Any]) -> dict[str, An
                 "output_tokens": p.max_tokens,
             },
         )
+        raw.setdefault("gateway", {}).update(dict(p.gateway))
         config_path = work / "quotaflow.yaml"
         config = write_config(raw, config_path)
         sim_log = work / "sim.out"
@@ -628,6 +632,7 @@ async def run(p: Params) -> dict[str, Any]:
             "sim_inter_token_ms": p.sim_inter_token_ms,
             "limits": LIMITS,
             "prompt": PROMPT,
+            "gateway": dict(p.gateway),
         },
         "notes": notes,
         "leftover_processes": left,
@@ -753,6 +758,8 @@ def record(result: dict[str, Any], json_path: Path) -> Path:
             continue
         m = res["main"]
         label = series if series == "gateway" else f"litellm {result['machine']['litellm']}"
+        if series == "gateway" and prm.get("gateway"):
+            label += " (" + ", ".join(f"{k}={v}" for k, v in prm["gateway"].items()) + ")"
         path = add_row(
             _MD_SECTION,
             _MD_INTRO,
@@ -820,6 +827,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Params:
         action="store_true",
         help="keep litellm's per-chunk success logging (off by default: no callback reads it)",
     )
+    ap.add_argument(
+        "--gateway",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a gateway.<KEY> setting of the gateway under test (JSON value); repeatable",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, broker data)")
     ap.add_argument("--no-record", action="store_true", help="write neither JSON nor BENCHMARKS.md")
     a = ap.parse_args(argv)
@@ -843,7 +858,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Params:
         litellm_streaming_logging=a.litellm_streaming_logging,
         keep=a.keep,
         record=not a.no_record,
+        gateway=tuple(a.gateway),
     )
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -287,3 +287,39 @@ def test_prompt_counter_uses_a_real_tokenizer_and_never_undercuts_the_estimate()
         assert counter.count(messages, ["sim-small"]) == estimate_prompt_tokens(messages)
     # Characters undercount Chinese text: the tokenizer raises the reservation.
     assert counter.count(cjk, ["gpt-4o"]) > estimate_prompt_tokens(cjk)
+
+
+# -- upstream connection pools ----------------------------------------------------------
+
+
+async def test_calls_take_the_least_busy_pool_and_the_first_when_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Concurrent calls spread over `gateway.upstream_pools` clients; an idle caller always
+    uses the first (whose connection `warm` opened), and a failed call frees its pool."""
+    from actors._upstream import Upstream
+
+    monkeypatch.setenv("KA", "sk-test-a")
+    monkeypatch.setenv("KB", "sk-test-b")
+    config = parse_config({**BASE, "gateway": {"upstream_pools": 3}})
+    up = Upstream(config)
+    dep = config.deployments[0]
+    first = up.client(dep)
+    try:
+        with up._calling(dep) as a, up._calling(dep) as b, up._calling(dep) as c:
+            assert len({id(a), id(b), id(c)}) == 3
+            assert a is first
+            with up._calling(dep) as d:
+                assert d in (a, b, c)
+
+        def fail() -> None:
+            with up._calling(dep):
+                raise RuntimeError("upstream failed")
+
+        with pytest.raises(RuntimeError):
+            fail()
+        with up._calling(dep) as f:
+            assert f is first  # every pool idle again
+        assert up.client(config.deployments[1]) is not first
+    finally:
+        await up.close()
