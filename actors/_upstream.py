@@ -9,17 +9,22 @@ a code from CONTRACT.md; the gateway, not the SDK, decides about retries.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+import aiohttp
 import httpx2 as httpx
 import msgspec
 import openai
 import structlog
+from openai._constants import DEFAULT_CONNECTION_LIMITS
+
+# Private to the SDK (what `openai.DefaultAioHttpClient` builds on); the pinned version has
+# it and tests/test_units.py fails if it moves.
+from openai._vendor.httpx_aiohttp.transport import AiohttpTransport
 
 from actors._coalesce import ChunkCoalescer
 from actors._messages import Job, Observation
@@ -207,68 +212,78 @@ def _map_status_error(exc: openai.APIStatusError, dep: Deployment) -> _Failure:
     )
 
 
-class _Pool:
-    """One `AsyncOpenAI` client (its own HTTP connection pool) and the calls it carries."""
+class _TracedTransport(AiohttpTransport):
+    """The SDK's aiohttp transport, its session built with our trace (send reports)."""
 
-    __slots__ = ("active", "client")
+    def __init__(self, trace: Callable[[], aiohttp.TraceConfig], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._make_trace = trace
 
-    def __init__(self, client: openai.AsyncOpenAI) -> None:
-        self.client = client
-        self.active = 0
-
-
-def _busy(pool: _Pool) -> int:
-    return pool.active
+    def get_client(self) -> aiohttp.ClientSession:
+        # As the base class builds it (TCP only), plus the trace.
+        connector = aiohttp.TCPConnector(
+            keepalive_timeout=self.limits.keepalive_expiry,
+            ssl=self.ssl_context,
+            limit=self.limits.max_connections or 0,
+        )
+        return aiohttp.ClientSession(connector=connector, trace_configs=[self._make_trace()])
 
 
 class Upstream:
-    """`gateway.upstream_pools` `AsyncOpenAI` clients per deployment, created on first use;
-    each call takes the least busy (the first of them when all are idle, so the connection
-    `warm` opened is the one used at low load)."""
+    """One `AsyncOpenAI` client per deployment, created on first use."""
 
     def __init__(self, config: Config, on_send: Callable[[str], None] | None = None) -> None:
         self._config = config
         # Called with the request id at the moment its HTTP request is really sent.
         self._on_send = on_send
         self._deployments = {d.name: d for d in config.deployments}
-        self._pools: dict[str, list[_Pool]] = {}
-        self._pool_count = config.gateway.upstream_pools
+        self._clients: dict[str, openai.AsyncOpenAI] = {}
         self._retry = config.resilience.retry
         self._coalesce_ms = config.gateway.coalesce_ms
+        self._transport = config.gateway.upstream_transport
 
     def _new_client(self, dep: Deployment) -> openai.AsyncOpenAI:
+        http: httpx.AsyncClient
+        if self._transport == "aiohttp":
+            # httpx's pool scans its connections at every request start and response end:
+            # its cost per call grew with the calls in flight (BENCHMARKS.md, throughput).
+            transport = _TracedTransport(self._trace, limits=DEFAULT_CONNECTION_LIMITS)
+            http = openai.DefaultAioHttpClient(transport=transport)
+        else:
+            http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [self._httpx_sent]})
         return openai.AsyncOpenAI(
             base_url=dep.base_url,
             api_key=resolve_secret(dep.api_key_env, what=f"deployments[{dep.name}].api_key_env"),
             max_retries=0,  # hidden SDK retries would spend quota the gateway did not grant
             timeout=httpx.Timeout(dep.timeout_s, connect=dep.connect_timeout_s),
-            http_client=openai.DefaultAsyncHttpxClient(
-                event_hooks={"request": [self._request_sent]}
-            ),
+            http_client=http,
         )
 
-    def _pools_of(self, dep: Deployment) -> list[_Pool]:
-        pools = self._pools.get(dep.name)
-        if pools is None:
-            pools = [_Pool(self._new_client(dep)) for _ in range(self._pool_count)]
-            self._pools[dep.name] = pools
-        return pools
-
     def client(self, dep: Deployment) -> openai.AsyncOpenAI:
-        """The deployment's first client (the one an idle caller uses)."""
-        return self._pools_of(dep)[0].client
+        c = self._clients.get(dep.name)
+        if c is None:
+            c = self._clients[dep.name] = self._new_client(dep)
+        return c
 
-    @contextlib.contextmanager
-    def _calling(self, dep: Deployment) -> Iterator[openai.AsyncOpenAI]:
-        """The least busy client of `dep`, counted busy for the `with` block."""
-        pool = min(self._pools_of(dep), key=_busy)
-        pool.active += 1
-        try:
-            yield pool.client
-        finally:
-            pool.active -= 1
+    def _trace(self) -> aiohttp.TraceConfig:
+        """Reports each call when its request headers are written: after a pooled
+        connection was taken or opened, which is when the provider sees it."""
+        tc = aiohttp.TraceConfig()
+        on_send = self._on_send
 
-    async def _request_sent(self, request: httpx.Request) -> None:
+        async def sent(
+            _session: aiohttp.ClientSession,
+            _ctx: object,
+            params: aiohttp.TraceRequestHeadersSentParams,
+        ) -> None:
+            request_id = params.headers.get(_REQUEST_ID_HEADER)
+            if request_id is not None and on_send is not None:
+                on_send(request_id)
+
+        tc.on_request_headers_sent.append(sent)
+        return tc
+
+    async def _httpx_sent(self, request: httpx.Request) -> None:
         """httpx's request hook runs before a pooled connection is taken or opened: the
         send is reported from httpcore's trace when the request headers are written."""
         request_id = request.headers.get(_REQUEST_ID_HEADER)
@@ -306,10 +321,9 @@ class Upstream:
                 )
 
     async def close(self) -> None:
-        for pools in self._pools.values():
-            for pool in pools:
-                await pool.client.close()
-        self._pools.clear()
+        for c in self._clients.values():
+            await c.close()
+        self._clients.clear()
 
     async def run(self, job: Job, out: ReplyStream) -> Outcome:
         """Call upstream for `job`, writing its replies to `out`.
@@ -366,7 +380,8 @@ class Upstream:
                 log.warning("upstream_429", request_id=job.request.id, deployment=dep.name)
             outcome.observed = observe(exc.response.headers, refused=refused)
             return await self._retry_or_fail(job, out, outcome, failure)
-        except (openai.APIConnectionError, httpx.TransportError) as exc:
+        # aiohttp's own errors too: the SDK's transport maps most, not every one.
+        except (openai.APIConnectionError, httpx.TransportError, aiohttp.ClientError) as exc:
             lost = _Failure(
                 "upstream_unavailable",
                 f"deployment {dep.name!r}: {type(exc).__name__} talking to upstream",
@@ -433,54 +448,52 @@ class Upstream:
         client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         first_ms: float | None = None
         parts: list[str] = []
+        api = self.client(dep).chat.completions.with_streaming_response
         called_ms = time.time() * 1000.0
         coalescer = ChunkCoalescer(out, self._coalesce_ms)
         ended = False
         try:
-            with self._calling(dep) as client:
-                api = client.chat.completions.with_streaming_response
-                async with api.create(**self._kwargs(job, dep, body, True)) as resp:
-                    o.observed = observe(resp.headers)
-                    async for line in resp.iter_lines():
-                        if not line.startswith("data:"):
-                            continue  # SSE comments and keep-alives (DeepSeek sends these)
-                        data = line[5:].strip()
-                        if data == "[DONE]" or ended:
-                            # Read on to the end of the body rather than break: a response
-                            # left unread closes its connection, and every call would then
-                            # open a new one (measured: 50 of 50 calls).
-                            ended = True
-                            continue
-                        chunk = _DECODE.decode(data)
-                        if not isinstance(chunk, dict):
-                            continue
-                        if "error" in chunk:
-                            raise _Failure(
-                                "upstream_error",
-                                f"deployment {dep.name!r} sent an error mid-stream: "
-                                f"{chunk['error']}",
-                                retryable=True,
-                            )
-                        o.upstream_model = str(chunk.get("model") or o.upstream_model)
-                        usage = chunk.get("usage")
-                        if isinstance(usage, dict):
-                            o.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                            o.cached_tokens = _cached_tokens(usage)
-                            o.completion_tokens = int(usage.get("completion_tokens") or 0)
-                        choices = chunk.get("choices") or []
-                        if choices:
-                            c0 = choices[0]
-                            content = (c0.get("delta") or {}).get("content")
-                            if content:
-                                parts.append(content)
-                            if c0.get("finish_reason"):
-                                o.finish_reason = c0["finish_reason"]
-                        elif not client_wants_usage:
-                            continue
-                        if first_ms is None:
-                            first_ms = time.time() * 1000.0
-                            o.upstream_ttft_ms = first_ms - called_ms
-                        await coalescer.add(chunk)
+            async with api.create(**self._kwargs(job, dep, body, True)) as resp:
+                o.observed = observe(resp.headers)
+                async for line in resp.iter_lines():
+                    if not line.startswith("data:"):
+                        continue  # SSE comments and keep-alives (DeepSeek sends these)
+                    data = line[5:].strip()
+                    if data == "[DONE]" or ended:
+                        # Read on to the end of the body rather than break: a response
+                        # left unread closes its connection, and every call would then
+                        # open a new one (measured: 50 of 50 calls).
+                        ended = True
+                        continue
+                    chunk = _DECODE.decode(data)
+                    if not isinstance(chunk, dict):
+                        continue
+                    if "error" in chunk:
+                        raise _Failure(
+                            "upstream_error",
+                            f"deployment {dep.name!r} sent an error mid-stream: {chunk['error']}",
+                            retryable=True,
+                        )
+                    o.upstream_model = str(chunk.get("model") or o.upstream_model)
+                    usage = chunk.get("usage")
+                    if isinstance(usage, dict):
+                        o.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                        o.cached_tokens = _cached_tokens(usage)
+                        o.completion_tokens = int(usage.get("completion_tokens") or 0)
+                    choices = chunk.get("choices") or []
+                    if choices:
+                        c0 = choices[0]
+                        content = (c0.get("delta") or {}).get("content")
+                        if content:
+                            parts.append(content)
+                        if c0.get("finish_reason"):
+                            o.finish_reason = c0["finish_reason"]
+                    elif not client_wants_usage:
+                        continue
+                    if first_ms is None:
+                        first_ms = time.time() * 1000.0
+                        o.upstream_ttft_ms = first_ms - called_ms
+                    await coalescer.add(chunk)
             await coalescer.close()
         except BaseException:
             await coalescer.discard()
@@ -497,12 +510,11 @@ class Upstream:
     async def _complete(
         self, job: Job, dep: Deployment, body: dict[str, Any], out: ReplyStream, o: Outcome
     ) -> None:
+        api = self.client(dep).chat.completions.with_streaming_response
         called_ms = time.time() * 1000.0
-        with self._calling(dep) as client:
-            api = client.chat.completions.with_streaming_response
-            async with api.create(**self._kwargs(job, dep, body, False)) as resp:
-                o.observed = observe(resp.headers)
-                raw = await resp.read()
+        async with api.create(**self._kwargs(job, dep, body, False)) as resp:
+            o.observed = observe(resp.headers)
+            raw = await resp.read()
         completion = _DECODE.decode(raw)
         if not isinstance(completion, dict):
             raise _Failure(

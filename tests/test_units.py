@@ -289,37 +289,45 @@ def test_prompt_counter_uses_a_real_tokenizer_and_never_undercuts_the_estimate()
     assert counter.count(cjk, ["gpt-4o"]) > estimate_prompt_tokens(cjk)
 
 
-# -- upstream connection pools ----------------------------------------------------------
+# -- upstream transport ------------------------------------------------------------------
 
 
-async def test_calls_take_the_least_busy_pool_and_the_first_when_idle(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_call_is_reported_sent_when_its_headers_are_written(
+    monkeypatch: pytest.MonkeyPatch, transport: str
 ) -> None:
-    """Concurrent calls spread over `gateway.upstream_pools` clients; an idle caller always
-    uses the first (whose connection `warm` opened), and a failed call frees its pool."""
-    from actors._upstream import Upstream
+    """Either transport's trace names the request id of each call sent (what paced
+    deployments report to the quota actor); a call without one reports nothing."""
+    from aiohttp import web
 
+    from actors._upstream import _REQUEST_ID_HEADER, Upstream
+
+    async def models(_request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": []})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     monkeypatch.setenv("KA", "sk-test-a")
     monkeypatch.setenv("KB", "sk-test-b")
-    config = parse_config({**BASE, "gateway": {"upstream_pools": 3}})
-    up = Upstream(config)
-    dep = config.deployments[0]
-    first = up.client(dep)
+    raw = {
+        **BASE,
+        "deployments": [{**BASE["deployments"][0], "base_url": f"http://127.0.0.1:{port}/v1"}],
+    }
+    raw["models"] = [{"name": "fast", "deployments": ["a"]}]
+    raw["gateway"] = {"upstream_transport": transport}
+    config = parse_config(raw)
+    sent: list[str] = []
+    up = Upstream(config, on_send=sent.append)
     try:
-        with up._calling(dep) as a, up._calling(dep) as b, up._calling(dep) as c:
-            assert len({id(a), id(b), id(c)}) == 3
-            assert a is first
-            with up._calling(dep) as d:
-                assert d in (a, b, c)
-
-        def fail() -> None:
-            with up._calling(dep):
-                raise RuntimeError("upstream failed")
-
-        with pytest.raises(RuntimeError):
-            fail()
-        with up._calling(dep) as f:
-            assert f is first  # every pool idle again
-        assert up.client(config.deployments[1]) is not first
+        client = up.client(config.deployments[0])
+        await client.models.list()
+        await client.models.list(extra_headers={_REQUEST_ID_HEADER: "req-1"})
+        assert sent == ["req-1"]
     finally:
         await up.close()
+        await runner.cleanup()

@@ -276,10 +276,9 @@ class GatewayConfig(_Section, frozen=True):
     # Callers open a connection to every deployment at start (GET /models), so that the
     # first calls are not late; also names a refused key in the log before traffic.
     warm_connections: bool = True
-    # openai clients (one HTTP connection pool each) per deployment in every caller; a
-    # call takes the least busy. httpx scans all of a pool's connections on every request
-    # start and response end, so one pool's cost per call grows with the calls in flight.
-    upstream_pools: PositiveInt = 8
+    # The openai SDK's HTTP transport in the callers: "aiohttp" (`openai[aiohttp]`), or
+    # "httpx", the SDK's default, whose cost per call grew with the calls in flight.
+    upstream_transport: Literal["aiohttp", "httpx"] = "aiohttp"
     # Callers send lease settlements and cache entries in one batch per this interval.
     flush_ms: PositiveInt = 20
     drain_timeout_s: PositiveFloat = 30.0
