@@ -220,13 +220,17 @@ class _TracedTransport(AiohttpTransport):
         self._make_trace = trace
 
     def get_client(self) -> aiohttp.ClientSession:
-        # As the base class builds it (TCP only), plus the trace.
+        # As the base class builds it (TCP only), plus the trace, and proxies from the
+        # environment (HTTPS_PROXY, NO_PROXY...) as httpx uses them by default: httpx
+        # itself ignores them once a transport is given.
         connector = aiohttp.TCPConnector(
             keepalive_timeout=self.limits.keepalive_expiry,
             ssl=self.ssl_context,
             limit=self.limits.max_connections or 0,
         )
-        return aiohttp.ClientSession(connector=connector, trace_configs=[self._make_trace()])
+        return aiohttp.ClientSession(
+            connector=connector, trace_configs=[self._make_trace()], trust_env=True
+        )
 
 
 class Upstream:

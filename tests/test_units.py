@@ -331,3 +331,45 @@ async def test_a_call_is_reported_sent_when_its_headers_are_written(
     finally:
         await up.close()
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_calls_go_through_the_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    """HTTP_PROXY is honoured by either transport (httpx drops it once given a transport
+    of its own, so the aiohttp session reads it itself); the upstream host here does not
+    resolve, so only the proxy can answer."""
+    from aiohttp import web
+
+    from actors._upstream import Upstream
+
+    seen: list[str] = []
+
+    async def proxy(request: web.Request) -> web.Response:
+        seen.append(str(request.url))
+        return web.json_response({"object": "list", "data": []})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("KA", "sk-test-a")
+    upstream = "http://upstream.invalid:8080/v1"
+    raw = {**BASE, "deployments": [{**BASE["deployments"][0], "base_url": upstream}]}
+    raw["models"] = [{"name": "fast", "deployments": ["a"]}]
+    raw["gateway"] = {"upstream_transport": transport}
+    config = parse_config(raw)
+    up = Upstream(config)
+    try:
+        await up.client(config.deployments[0]).models.list()
+        assert seen == [f"{upstream}/models"]
+    finally:
+        await up.close()
+        await runner.cleanup()
