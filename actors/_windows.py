@@ -79,7 +79,7 @@ class SlidingWindow:
             while entries and entries[0].expires_at <= now:
                 e = entries.popleft()
                 self._used -= e.amount
-                # `_unstep`, inlined: this loop runs for every entry that expires.
+                # `_shift(e.expires_at, -e.amount)`, inlined: this runs for every expiry.
                 k = math.ceil(e.expires_at / _DUMP_STEP_S)
                 left = steps.get(k, 0) - e.amount
                 if left > 0:
@@ -114,23 +114,24 @@ class SlidingWindow:
             entry = Entry(now, now + self._bucket_s + self.span_s, amount)
             self._entries.append(entry)
         self._used += amount
-        k = math.ceil(entry.expires_at / _DUMP_STEP_S)  # `_step`, inlined (every grant)
+        # `_shift(entry.expires_at, amount)`, inlined: this runs for every grant.
+        k = math.ceil(entry.expires_at / _DUMP_STEP_S)
         self._steps[k] = self._steps.get(k, 0) + amount
         return entry
 
-    def _unstep(self, expires_at: float, amount: int) -> None:
+    def _shift(self, expires_at: float, delta: int) -> None:
+        """Add `delta` to the live amount of the dump step `expires_at` falls in."""
         k = _step(expires_at)
-        left = self._steps.get(k, 0) - amount
+        left = self._steps.get(k, 0) + delta
         if left > 0:
             self._steps[k] = left
         else:
             self._steps.pop(k, None)
 
     def _move(self, entry: Entry, expires_at: float) -> None:
-        self._unstep(entry.expires_at, entry.amount)
+        self._shift(entry.expires_at, -entry.amount)
         entry.expires_at = expires_at
-        k = _step(expires_at)
-        self._steps[k] = self._steps.get(k, 0) + entry.amount
+        self._shift(expires_at, entry.amount)
 
     def adjust(self, entry: Entry, delta: int, now: float) -> None:
         """Correct an entry by `delta` (real usage minus reserved); a no-op once expired."""
@@ -139,12 +140,7 @@ class SlidingWindow:
             delta = max(delta, -entry.amount)
             entry.amount += delta
             self._used += delta
-            k = _step(entry.expires_at)
-            left = self._steps.get(k, 0) + delta
-            if left > 0:
-                self._steps[k] = left
-            else:
-                self._steps.pop(k, None)
+            self._shift(entry.expires_at, delta)
 
     def postpone(self, entry: Entry, delay_s: float, now: float) -> None:
         """The admission reached the provider `delay_s` later than recorded: expire it later.
@@ -243,7 +239,6 @@ class SlidingWindow:
             if ttl > 0 and amount > 0:
                 self._entries.append(Entry(now, now + ttl, amount))
                 self._used += amount
-                k = _step(now + ttl)
-                self._steps[k] = self._steps.get(k, 0) + amount
+                self._shift(now + ttl, amount)
         ordered = sorted(self._entries, key=lambda e: e.expires_at)
         self._entries = deque(ordered)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -15,7 +17,7 @@ from actors._messages import CacheEntry, RouteAsk
 from actors._routing import Router
 from pipeline._offsets import OffsetTracker
 from pipeline._validate import parse_request, salvage
-from topics.config import CacheConfig, parse_config
+from topics.config import CacheConfig, Config, parse_config
 from topics.errors import ConfigError, InvalidRequest
 from topics.logs import REDACTED, redact
 from topics.specs import REPLY_DECODER, REPLY_ENCODER, topic_specs
@@ -292,6 +294,30 @@ def test_prompt_counter_uses_a_real_tokenizer_and_never_undercuts_the_estimate()
 # -- upstream transport ------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def _http_server(path: str, handler: Any) -> AsyncIterator[int]:
+    """A local aiohttp server answering `path` (any method) with `handler`; yields its port."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_route("*", path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+
+
+def _one_deployment(base_url: str, transport: str) -> Config:
+    raw = {**BASE, "deployments": [{**BASE["deployments"][0], "base_url": base_url}]}
+    raw["models"] = [{"name": "fast", "deployments": ["a"]}]
+    raw["gateway"] = {"upstream_transport": transport}
+    return parse_config(raw)
+
+
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
 async def test_a_call_is_reported_sent_when_its_headers_are_written(
     monkeypatch: pytest.MonkeyPatch, transport: str
@@ -305,32 +331,18 @@ async def test_a_call_is_reported_sent_when_its_headers_are_written(
     async def models(_request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": []})
 
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     monkeypatch.setenv("KA", "sk-test-a")
-    monkeypatch.setenv("KB", "sk-test-b")
-    raw = {
-        **BASE,
-        "deployments": [{**BASE["deployments"][0], "base_url": f"http://127.0.0.1:{port}/v1"}],
-    }
-    raw["models"] = [{"name": "fast", "deployments": ["a"]}]
-    raw["gateway"] = {"upstream_transport": transport}
-    config = parse_config(raw)
-    sent: list[str] = []
-    up = Upstream(config, on_send=sent.append)
-    try:
-        client = up.client(config.deployments[0])
-        await client.models.list()
-        await client.models.list(extra_headers={_REQUEST_ID_HEADER: "req-1"})
-        assert sent == ["req-1"]
-    finally:
-        await up.close()
-        await runner.cleanup()
+    async with _http_server("/v1/models", models) as port:
+        config = _one_deployment(f"http://127.0.0.1:{port}/v1", transport)
+        sent: list[str] = []
+        up = Upstream(config, on_send=sent.append)
+        try:
+            client = up.client(config.deployments[0])
+            await client.models.list()
+            await client.models.list(extra_headers={_REQUEST_ID_HEADER: "req-1"})
+            assert sent == ["req-1"]
+        finally:
+            await up.close()
 
 
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
@@ -350,26 +362,16 @@ async def test_calls_go_through_the_proxy_the_environment_names(
         seen.append(str(request.url))
         return web.json_response({"object": "list", "data": []})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", proxy)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("KA", "sk-test-a")
     upstream = "http://upstream.invalid:8080/v1"
-    raw = {**BASE, "deployments": [{**BASE["deployments"][0], "base_url": upstream}]}
-    raw["models"] = [{"name": "fast", "deployments": ["a"]}]
-    raw["gateway"] = {"upstream_transport": transport}
-    config = parse_config(raw)
-    up = Upstream(config)
-    try:
-        await up.client(config.deployments[0]).models.list()
-        assert seen == [f"{upstream}/models"]
-    finally:
-        await up.close()
-        await runner.cleanup()
+    config = _one_deployment(upstream, transport)
+    async with _http_server("/{tail:.*}", proxy) as port:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+        up = Upstream(config)
+        try:
+            await up.client(config.deployments[0]).models.list()
+            assert seen == [f"{upstream}/models"]
+        finally:
+            await up.close()
