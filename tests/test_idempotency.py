@@ -11,6 +11,7 @@ from actors._idempotency import (
     ENTRY_OVERHEAD_BYTES,
     REPLAYED_RESET_REASON,
     RERUN_SEQ_STRIDE,
+    IdemEntry,
     IdempotencyIndex,
     IdemRecord,
     NewRun,
@@ -18,6 +19,7 @@ from actors._idempotency import (
     Write,
     compact_replies,
     decode_entry,
+    encode_entry,
 )
 from actors.idempotency import idempotency_shard_of
 from topics.config import IdempotencyConfig
@@ -292,7 +294,9 @@ def test_max_bytes_bounds_reply_bytes_and_counts_running_entries() -> None:
     clock = Clock()
     one = _record("r0", _replies("r0", ["x" * 200]), clock.now)
     per_entry = sum(len(r) for r in one.replies) + len("r0") + ENTRY_OVERHEAD_BYTES
-    index = _index(clock, max_bytes=3 * per_entry, max_record_bytes=10 * per_entry)
+    index = _index(
+        clock, max_bytes=3 * per_entry, max_record_bytes=10 * per_entry, compress_level=0
+    )
     for i in range(5):
         rid = f"r{i}"
         clock.now += 1
@@ -308,7 +312,7 @@ def test_max_bytes_bounds_reply_bytes_and_counts_running_entries() -> None:
 
 def test_a_result_too_large_even_compacted_is_kept_as_ended() -> None:
     clock = Clock()
-    index = _index(clock, max_bytes=1_000, max_record_bytes=500)
+    index = _index(clock, max_bytes=1_000, max_record_bytes=500, compress_level=0)
     index.claim("big")
     write = index.finish(_record("big", _replies("big", ["y" * 2_000]), clock.now))
     assert write.value is not None
@@ -383,3 +387,53 @@ def test_shard_of_is_stable_and_spreads() -> None:
     shards = [idempotency_shard_of(i, 4) for i in ids]
     assert shards == [idempotency_shard_of(i, 4) for i in ids]
     assert set(shards) == {0, 1, 2, 3}
+
+
+def _stream_record(rid: str, at_s: float) -> IdemRecord:
+    return _record(rid, _replies(rid, [f"token {i} " for i in range(16)]), at_s)
+
+
+def test_a_finished_result_is_stored_deflated_and_replayed_byte_for_byte() -> None:
+    clock = Clock()
+    plain, packed = _index(clock, compress_level=0), _index(clock)
+    record = _stream_record("r1", clock.now)
+    writes = []
+    for index in (plain, packed):
+        index.claim("r1")
+        writes.append(index.finish(record))
+        assert index.claim("r1") == Replay(record.replies)
+    plain_value, packed_value = (w.value for w in writes)
+    assert plain_value is not None
+    assert packed_value is not None
+    stored = decode_entry(packed_value)
+    assert (stored.replies, stored.state) == ([], "finished")
+    assert stored.packed
+    # Chunks repeat their id, model and created: the deflated form is far smaller, in
+    # memory (what max_bytes counts) and on the topic.
+    assert packed.bytes * 2 < plain.bytes
+    assert len(packed_value) * 2 < len(plain_value)
+    restored = _index(clock)
+    restored.restore({"r1": packed_value})
+    assert restored.claim("r1") == Replay(record.replies)
+
+
+def test_plain_records_written_before_deflation_still_replay() -> None:
+    clock = Clock()
+    record = _stream_record("old", clock.now)
+    written = _index(clock, compress_level=0)
+    written.claim("old")
+    value = written.finish(record).value
+    assert value is not None
+    index = _index(clock)
+    index.restore({"old": value})
+    assert index.claim("old") == Replay(record.replies)
+
+
+def test_packed_replies_that_do_not_inflate_run_the_id_again() -> None:
+    clock = Clock()
+    index = _index(clock)
+    bad = IdemEntry(state="finished", runs=1, changed_ms=clock.now * 1000, packed=b"not zlib")
+    index.restore({"bad": encode_entry(bad)})
+    got = _new(index.claim("bad"))
+    assert (got.start_seq, got.reset_first) == (RERUN_SEQ_STRIDE, True)
+    assert index.stats()["unreadable"] == 1

@@ -331,6 +331,8 @@ class IdempotencyConfig(_Section, frozen=True):
     max_bytes: PositiveInt = 256 * 1024 * 1024
     # A result with more reply bytes than this is kept as its text in one chunk + terminal.
     max_record_bytes: PositiveInt = 512 * 1024
+    # zlib level of the stored replies (0: kept plain); see actors/_idempotency.py.
+    compress_level: Annotated[int, msgspec.Meta(ge=0, le=9)] = 1
 
 
 class ResilienceConfig(_Section, frozen=True):
