@@ -345,12 +345,17 @@ class _Lease:
     confirmed: bool = False
 
 
-@dataclass(order=True)
+@dataclass(slots=True)
 class _Waiting:
     sort_key: tuple[int, int]  # (deadline_ms, arrival seq) within one (priority, tenant)
-    ask: Ask = field(compare=False)
-    since: float = field(compare=False)
-    done: bool = field(default=False, compare=False)
+    ask: Ask
+    since: float
+    done: bool = False
+
+
+# One entry of a (priority, tenant) heap: (deadline_ms, arrival seq, the ask). A tuple, so
+# that heapq compares in C (the seq is unique: the _Waiting itself is never compared).
+_HeapEntry = tuple[int, int, _Waiting]
 
 
 class QuotaBook:
@@ -389,7 +394,9 @@ class QuotaBook:
         self._unconfirmed_hold_s = q.unconfirmed_hold_ms / 1000.0
         self._tenant_cfg = {t.name: t for t in config.tenants}
         self.tenants: dict[str, TenantBuckets] = {}
-        self._queues: dict[tuple[int, str], list[_Waiting]] = {}
+        self._queues: dict[tuple[int, str], list[_HeapEntry]] = {}
+        # Asks waiting per tenant, over all priorities (whether a tenant was idle).
+        self._tenant_depth: dict[str, int] = {}
         self._deadlines: list[tuple[int, int, _Waiting]] = []
         self._depth = 0
         self._seq = itertools.count()
@@ -462,15 +469,22 @@ class QuotaBook:
         tenant = self.tenant(ask.tenant)
         key = (ask.priority, ask.tenant)
         queue = self._queues.setdefault(key, [])
-        if not any(self._queues.get((p, ask.tenant)) for p in range(10)):
+        waiting = self._tenant_depth.get(ask.tenant, 0)
+        if not waiting:
             # A tenant that was idle starts at the virtual clock: no credit banked while away.
             tenant.vtime = max(tenant.vtime, self._virtual_clock)
+        self._tenant_depth[ask.tenant] = waiting + 1
         self._queued.add((ask.owner, ask.ticket))
         w = _Waiting((ask.deadline_ms or _FAR_FUTURE_MS, next(self._seq)), ask, now)
-        heapq.heappush(queue, w)
+        heapq.heappush(queue, (*w.sort_key, w))
         if ask.deadline_ms is not None:
             heapq.heappush(self._deadlines, (ask.deadline_ms, w.sort_key[1], w))
         self._depth += 1
+
+    def _dequeued(self, tenant: str, n: int = 1) -> None:
+        """`n` of `tenant`'s asks left the queue (admitted, refused, expired, withdrawn)."""
+        self._depth -= n
+        self._tenant_depth[tenant] -= n
 
     @property
     def queue_depth(self) -> int:
@@ -671,7 +685,7 @@ class QuotaBook:
                 progressed = False
                 for name in tenants:
                     queue = self._queues[(prio, name)]
-                    head = queue[0]
+                    head = queue[0][2]
                     decision = self._try(head.ask, head.since, now, wall, blocked)
                     if decision is None:
                         # Hold its deployments for it: nothing behind may take their room.
@@ -679,7 +693,7 @@ class QuotaBook:
                         continue
                     heapq.heappop(queue)
                     head.done = True
-                    self._depth -= 1
+                    self._dequeued(name)
                     self._queued.discard((head.ask.owner, head.ask.ticket))
                     if isinstance(decision, Refusal):
                         self.refusals_total += 1
@@ -699,9 +713,9 @@ class QuotaBook:
             w.done = True
             self._queued.discard((w.ask.owner, w.ask.ticket))
             queue = self._queues[(w.ask.priority, w.ask.tenant)]
-            queue.remove(w)
+            queue.remove((*w.sort_key, w))
             heapq.heapify(queue)
-            self._depth -= 1
+            self._dequeued(w.ask.tenant)
             self.refusals_total += 1
             out.append(
                 (
@@ -719,14 +733,14 @@ class QuotaBook:
         drop = {(owner, t) for t in tickets}
         withdrawn = 0
         for key, queue in self._queues.items():
-            kept = [w for w in queue if (w.ask.owner, w.ask.ticket) not in drop]
+            kept = [e for e in queue if (e[2].ask.owner, e[2].ask.ticket) not in drop]
             if len(kept) == len(queue):
                 continue
-            for w in queue:
+            for *_, w in queue:
                 if (w.ask.owner, w.ask.ticket) in drop:
                     w.done = True  # its deadline entry is skipped from now on
             withdrawn += len(queue) - len(kept)
-            self._depth -= len(queue) - len(kept)
+            self._dequeued(key[1], len(queue) - len(kept))
             heapq.heapify(kept)
             self._queues[key] = kept
         self._queued -= drop
@@ -754,7 +768,7 @@ class QuotaBook:
         for queue in self._queues.values():
             if not queue:
                 continue
-            ask = queue[0].ask
+            ask = queue[0][2].ask
             tenant_at = self.tenant(ask.tenant).free_at(ask.tokens, now)
             for dep in self._candidates(ask, now):
                 if dep.exhausted or not dep.can_ever_fit(ask.tokens):
