@@ -15,10 +15,10 @@ a `reset` first: an earlier run may have sent chunks nobody can know of after a 
 and higher seqs keep "deduplicate by (id, seq)" correct.
 
 A finished entry holds its reply values as one zlib stream (`packed`: a msgpack array of
-them, deflated at `compress_level`, default 1; 0 keeps them plain in `replies`, the only form of
-records written before). Streamed replies repeat their id, model and `created` in every
-chunk, so this keeps the store 4-7x smaller in memory and on the topic, at a few
-tens of microseconds per finish; a replay inflates it once.
+them, deflated at `compress_level`, default 1; 0 keeps them plain in `replies`, the only
+form of records written before). Streamed replies repeat their id, model and `created` in
+every chunk, so this keeps them ~3x smaller in memory and on the topic, at a few tens of
+microseconds per finish; a replay inflates them once.
 
 Entries are forgotten `window_s` after their last change (expired) or earlier when a
 shard is over `max_entries` or `max_bytes` (evicted: the least recently changed finished
