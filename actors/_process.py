@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import gc
-import threading
-from collections.abc import Callable
-
-import structlog
 
 from topics.config import Config
 
-__all__ = ["glibc_malloc_trim", "start_malloc_trim", "tune_process"]
-
-log = structlog.get_logger("quotaflow.process")
-
-_TRIM_THREAD_NAME = "quotaflow-malloc-trim"
-_trim_started = threading.Lock()
-_trim_thread: threading.Thread | None = None
+__all__ = ["tune_process"]
 
 
 def tune_process(config: Config) -> None:
-    """Raise the garbage collector's first threshold (`gateway.gc_gen0_threshold`), and
-    start the periodic heap trim (`gateway.malloc_trim_s`).
+    """Raise the garbage collector's first threshold (`gateway.gc_gen0_threshold`).
 
     The quota book and the caches hold many small long-lived objects (window entries,
     leases, cache entries); Python's default (700 allocations) runs the collector so often
@@ -35,46 +21,3 @@ def tune_process(config: Config) -> None:
     if threshold > 0:
         _, gen1, gen2 = gc.get_threshold()
         gc.set_threshold(threshold, gen1, gen2)
-    trim = glibc_malloc_trim()
-    if config.gateway.malloc_trim_s > 0 and trim is not None:
-        start_malloc_trim(config.gateway.malloc_trim_s, trim)
-
-
-def glibc_malloc_trim() -> Callable[[], object] | None:
-    """`malloc_trim(0)` of the C library, or None where it has none (not glibc)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    with contextlib.suppress(OSError):
-        fn = getattr(ctypes.CDLL(name), "malloc_trim", None)
-        if fn is not None:
-            return lambda: fn(0)
-    return None
-
-
-def start_malloc_trim(
-    interval_s: float, trim: Callable[[], object], *, stop: threading.Event | None = None
-) -> threading.Thread | None:
-    """Call `trim` every `interval_s` on a daemon thread, once per process (None: running).
-
-    Why: glibc keeps memory that Python frees inside its heaps (the arenas of Ray's
-    threads included) and gives it back only from the top; a long-running actor's RSS then
-    creeps up with every burst. `malloc_trim(0)` releases the free pages in the middle
-    too; glibc locks each arena while it walks it, so it is safe beside the event loop.
-    """
-    global _trim_thread
-    with _trim_started:
-        if _trim_thread is not None and _trim_thread.is_alive():
-            return None
-        ev = stop or threading.Event()
-
-        def loop() -> None:
-            while not ev.wait(interval_s):
-                try:
-                    trim()
-                except Exception:  # the trim is an optimisation: log it, keep going
-                    log.exception("malloc_trim_failed")
-
-        _trim_thread = threading.Thread(target=loop, name=_TRIM_THREAD_NAME, daemon=True)
-        _trim_thread.start()
-        return _trim_thread
