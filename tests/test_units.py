@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -375,3 +376,73 @@ async def test_calls_go_through_the_proxy_the_environment_names(
             assert seen == [f"{upstream}/models"]
         finally:
             await up.close()
+
+
+def test_malloc_trim_runs_on_its_interval_and_one_loop_per_trimmer() -> None:
+    import threading
+
+    from actors._process import Trimmer
+
+    calls: list[float] = []
+    twice = threading.Event()
+
+    def trim() -> None:
+        calls.append(time.monotonic())
+        if len(calls) >= 2:
+            twice.set()
+
+    stop = threading.Event()
+    trimmer = Trimmer()  # its own, not the process's: earlier tests may have started that
+    thread = trimmer.ensure(0.01, trim, stop=stop)
+    assert thread is not None
+    try:
+        assert twice.wait(10.0), f"trim ran {len(calls)} times"
+        assert trimmer.ensure(0.01, trim, stop=stop) is None  # one loop per trimmer
+    finally:
+        stop.set()
+        thread.join(10.0)
+    assert not thread.is_alive()
+    # A loop that ended may be started again.
+    again = threading.Event()
+    restarted = trimmer.ensure(0.01, again.set, stop=(stop2 := threading.Event()))
+    assert restarted is not None
+    try:
+        assert again.wait(10.0)
+    finally:
+        stop2.set()
+        restarted.join(10.0)
+
+
+def test_malloc_trim_keeps_going_after_a_failing_trim() -> None:
+    import threading
+
+    from actors._process import start_malloc_trim
+
+    after = threading.Event()
+    calls: list[int] = []
+
+    def trim() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("trim failed")
+        after.set()
+
+    stop = threading.Event()
+    thread = start_malloc_trim(0.01, trim, stop=stop)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            assert after.wait(10.0)
+    finally:
+        stop.set()
+        thread.join(10.0)
+    assert len(calls) >= 2
+    assert [e["event"] for e in logs][:1] == ["malloc_trim_failed"]
+
+
+def test_glibc_malloc_trim_is_callable_here() -> None:
+    from actors._process import glibc_malloc_trim
+
+    trim = glibc_malloc_trim()
+    if trim is None:
+        pytest.skip("no glibc malloc_trim on this system")
+    assert trim() in (0, 1)

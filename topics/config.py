@@ -270,6 +270,9 @@ class GatewayConfig(_Section, frozen=True):
     headroom_refresh_ms: PositiveInt = 250
     # Python's first GC threshold in every gateway process (0 = Python's default, 700).
     gc_gen0_threshold: NonNegInt = 50_000
+    # Every this many seconds each actor process hands freed heap pages back to the system
+    # (glibc malloc_trim; 0: never). See actors/_process.py.
+    malloc_trim_s: NonNegFloat = 30.0
     # Nice value of the actor processes of a Ray the gateway starts itself (Ray's own
     # default is 15, below everything else on the machine).
     actor_niceness: Annotated[int, msgspec.Meta(ge=-20, le=19)] = 0
