@@ -350,17 +350,15 @@ class IdempotencyIndex:
         if sum(len(r) for r in replies) > self._max_record_bytes:
             replies = compact_replies(replies)
             self.compacted += 1
-        if self._compress_level:
-            entry = IdemEntry(
-                state="finished",
-                runs=runs,
-                changed_ms=record.finished_ms,
-                packed=pack_replies(replies, self._compress_level),
-            )
-        else:
-            entry = IdemEntry(
-                state="finished", runs=runs, changed_ms=record.finished_ms, replies=replies
-            )
+        packed = pack_replies(replies, self._compress_level) if self._compress_level else b""
+        entry = IdemEntry(
+            state="finished",
+            runs=runs,
+            changed_ms=record.finished_ms,
+            # Exactly one of the two carries the replies (level 0 keeps them plain).
+            replies=[] if packed else replies,
+            packed=packed,
+        )
         if _size(record.request_id, entry) > self._max_bytes:
             self.too_large += 1
             entry = IdemEntry(state="ended", runs=runs, changed_ms=record.finished_ms)

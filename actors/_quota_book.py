@@ -347,14 +347,15 @@ class _Lease:
 
 @dataclass(slots=True)
 class _Waiting:
-    sort_key: tuple[int, int]  # (deadline_ms, arrival seq) within one (priority, tenant)
     ask: Ask
     since: float
     done: bool = False
 
 
 # One entry of a (priority, tenant) heap: (deadline_ms, arrival seq, the ask). A tuple, so
-# that heapq compares in C (the seq is unique: the _Waiting itself is never compared).
+# that heapq compares in C (the seq is unique: the _Waiting itself is never compared). An
+# ask with a deadline has the same tuple in the deadline heap, so expiry removes it from
+# its tenant heap by identity.
 _HeapEntry = tuple[int, int, _Waiting]
 
 
@@ -397,7 +398,7 @@ class QuotaBook:
         self._queues: dict[tuple[int, str], list[_HeapEntry]] = {}
         # Asks waiting per tenant, over all priorities (whether a tenant was idle).
         self._tenant_depth: dict[str, int] = {}
-        self._deadlines: list[tuple[int, int, _Waiting]] = []
+        self._deadlines: list[_HeapEntry] = []
         self._depth = 0
         self._seq = itertools.count()
         self._virtual_clock = 0.0
@@ -475,10 +476,11 @@ class QuotaBook:
             tenant.vtime = max(tenant.vtime, self._virtual_clock)
         self._tenant_depth[ask.tenant] = waiting + 1
         self._queued.add((ask.owner, ask.ticket))
-        w = _Waiting((ask.deadline_ms or _FAR_FUTURE_MS, next(self._seq)), ask, now)
-        heapq.heappush(queue, (*w.sort_key, w))
+        deadline = _FAR_FUTURE_MS if ask.deadline_ms is None else ask.deadline_ms
+        entry: _HeapEntry = (deadline, next(self._seq), _Waiting(ask, now))
+        heapq.heappush(queue, entry)
         if ask.deadline_ms is not None:
-            heapq.heappush(self._deadlines, (ask.deadline_ms, w.sort_key[1], w))
+            heapq.heappush(self._deadlines, entry)
         self._depth += 1
 
     def _dequeued(self, tenant: str, n: int = 1) -> None:
@@ -707,13 +709,14 @@ class QuotaBook:
     def _expire_deadlines(self, wall: float) -> list[tuple[Ask, Admitted]]:
         out: list[tuple[Ask, Admitted]] = []
         while self._deadlines and self._deadlines[0][0] <= wall:
-            _, _, w = heapq.heappop(self._deadlines)
+            entry = heapq.heappop(self._deadlines)
+            w = entry[2]
             if w.done:
                 continue
             w.done = True
             self._queued.discard((w.ask.owner, w.ask.ticket))
             queue = self._queues[(w.ask.priority, w.ask.tenant)]
-            queue.remove((*w.sort_key, w))
+            queue.remove(entry)  # the same tuple object: found by identity
             heapq.heapify(queue)
             self._dequeued(w.ask.tenant)
             self.refusals_total += 1
