@@ -6,7 +6,9 @@ of `benchmarks/semantic_eval.py` only (same by-question split, same seed), with 
 base weights frozen, a rank-`rank` delta `B @ A` on every attention query/key/value/output
 and feed-forward dense layer, plus the LayerNorms and the head; each pair's two texts
 swapped at random; batches of similar length; seeded. At load the deltas are merged into
-the base model (`W += B @ A * scale`) after checking the package weights' sha256.
+the base model (`W += B @ A * scale`) after checking the package weights' sha256. With
+`--full`, every encoder weight is fine-tuned instead (the token embeddings stay frozen;
+~21 MB of float16 `full.*` arrays, copied over the base model's at load).
 
 Scored pair by pair on calib and report (`text_b` the query, `text_a` the candidate):
 the hit rate at 0.5/1/2/5% false hits and the AUC of plain cosine, the shipped feature
@@ -18,9 +20,10 @@ they mean are in BENCHMARKS.md, semantic_eval notes. The weights stay under
 `.quotaflow/cache/semantic_eval/` (gitignored): they did not earn a place in the repo.
 
     nice -n 10 .venv/bin/python -m benchmarks.semantic_cross [--train] [--epochs 1]
-        [--rank 8] [--lr 4e-4] [--max-length 64] [--threads 2]
+        [--rank 8] [--lr 4e-4] [--max-length 64] [--threads 2] [--full] [--batch 32]
 
-Training one epoch over the ~43k train pairs takes ~15-35 min on 2 shared cores.
+Training one epoch over the ~43k train pairs takes ~15-35 min on 2 shared cores (LoRA or
+`--full` alike: the backward pass through every layer dominates).
 """
 
 from __future__ import annotations
@@ -190,8 +193,8 @@ class CrossVerifier:
                         )
                     weight += torch.from_numpy(b @ value * scale)
                     seen.add(name)
-                elif key.startswith("norm."):
-                    name = key[len("norm.") :]
+                elif key.startswith(("norm.", "full.")):
+                    name = key[len("norm.") :]  # both prefixes are 5 characters
                     param = params.get(name)
                     if param is None or tuple(param.shape) != value.shape:
                         shape = None if param is None else tuple(param.shape)
@@ -200,7 +203,8 @@ class CrossVerifier:
                             f"{value.shape} does not fit the model's {name} ({shape})"
                         )
                     param.copy_(torch.from_numpy(value))
-        if seen != targets:
+        full = any(k.startswith("full.") for k in arrays)
+        if not full and seen != targets:
             raise VerifierWeightsError(
                 f"cross-encoder weights {str(path)!r} carry deltas for {len(seen)} of "
                 f"{len(targets)} target layers"
@@ -266,6 +270,8 @@ class CrossParams:
     warmup: float = 0.06
     max_length: int = 64
     threads: int = 2
+    # Fine-tune every encoder weight (the token embeddings stay frozen) instead of LoRA.
+    full: bool = False
     # Batches are formed from this many shuffled pairs sorted by length.
     bucket: int = 32 * 64
 
@@ -311,23 +317,37 @@ def train_cross(
     tokenizer, model = load_base()
     for prm in model.parameters():
         prm.requires_grad_(False)
-    scale = p.alpha / p.rank
-    loras = add_lora(model, p.rank, scale)
-    norms = {n: prm for n, prm in model.named_parameters() if "LayerNorm" in n}
-    for prm in norms.values():
-        prm.requires_grad_(True)
     hidden = int(model.config.hidden_size)
     head = torch.nn.Linear(hidden, 1)
     torch.nn.init.normal_(head.weight, std=0.02)
     torch.nn.init.zeros_(head.bias)
-    lora_params = [x for m in loras.values() for x in (m.A, m.B)]
-    opt = torch.optim.AdamW(
-        [
+    if p.full:
+        scale = 1.0
+        loras: dict[str, Any] = {}
+        norms = {n: prm for n, prm in model.named_parameters() if n.startswith("encoder.")}
+        for prm in norms.values():
+            prm.requires_grad_(True)
+        # Weight decay on the weight matrices only, not on biases and LayerNorms.
+        decays = {n: n.endswith("weight") and "LayerNorm" not in n for n in norms}
+        decayed = [prm for n, prm in norms.items() if decays[n]]
+        plain = [prm for n, prm in norms.items() if not decays[n]]
+        groups = [
+            {"params": decayed, "lr": p.lr, "weight_decay": p.weight_decay},
+            {"params": plain, "lr": p.lr, "weight_decay": 0.0},
+        ]
+    else:
+        scale = p.alpha / p.rank
+        loras = add_lora(model, p.rank, scale)
+        norms = {n: prm for n, prm in model.named_parameters() if "LayerNorm" in n}
+        for prm in norms.values():
+            prm.requires_grad_(True)
+        lora_params = [x for m in loras.values() for x in (m.A, m.B)]
+        groups = [
             {"params": lora_params, "lr": p.lr, "weight_decay": p.weight_decay},
             {"params": list(norms.values()), "lr": p.lr, "weight_decay": 0.0},
-            {"params": list(head.parameters()), "lr": p.head_lr, "weight_decay": 0.0},
         ]
-    )
+    groups.append({"params": list(head.parameters()), "lr": p.head_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups)
     # Rough length of each pair in tokens, for bucketing only.
     lengths = np.array(
         [len(a.split()) + len(b.split()) for a, b in zip(a_texts, b_texts, strict=True)],
@@ -377,7 +397,8 @@ def train_cross(
                     flush=True,
                 )
         log.append({"epoch": epoch + 1, "loss": round(total / max(seen, 1), 4)})
-    return weight_arrays(loras, norms, head, scale, p.max_length), log
+    prefix = "full." if p.full else "norm."
+    return weight_arrays(loras, norms, head, scale, p.max_length, prefix), log
 
 
 def add_lora(model: Any, rank: int, scale: float) -> dict[str, Any]:
@@ -395,7 +416,12 @@ def add_lora(model: Any, rank: int, scale: float) -> dict[str, Any]:
 
 
 def weight_arrays(
-    loras: dict[str, Any], norms: dict[str, Any], head: Any, scale: float, max_length: int
+    loras: dict[str, Any],
+    norms: dict[str, Any],
+    head: Any,
+    scale: float,
+    max_length: int,
+    prefix: str = "norm.",
 ) -> dict[str, npt.NDArray[np.float32]]:
     """The weights file's arrays (what `CrossVerifier` reads) of a LoRA-wrapped model."""
     arrays: dict[str, npt.NDArray[np.float32]] = {
@@ -408,13 +434,16 @@ def weight_arrays(
         arrays[f"lora.{name}.A"] = m.A.detach().numpy().astype(np.float32)
         arrays[f"lora.{name}.B"] = m.B.detach().numpy().astype(np.float32)
     for name, prm in norms.items():
-        arrays[f"norm.{name}"] = prm.detach().numpy().astype(np.float32)
+        arrays[f"{prefix}{name}"] = prm.detach().numpy().astype(np.float32)
     return arrays
 
 
 def export(arrays: dict[str, npt.NDArray[np.float32]], path: Path) -> None:
     """Write the arrays, the low-rank factors as float16 (halves the file), compressed."""
-    out = {k: (v.astype(np.float16) if k.startswith("lora.") else v) for k, v in arrays.items()}
+    out = {
+        k: (v.astype(np.float16) if k.startswith(("lora.", "full.")) else v)
+        for k, v in arrays.items()
+    }
     np.savez_compressed(path, **out)  # type: ignore[arg-type]
 
 
@@ -579,6 +608,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lr", type=float, default=CrossParams.lr)
     ap.add_argument("--max-length", type=int, default=CrossParams.max_length)
     ap.add_argument("--threads", type=int, default=CrossParams.threads)
+    ap.add_argument("--full", action="store_true", help="fine-tune every encoder weight")
+    ap.add_argument("--batch", type=int, default=CrossParams.batch)
     ap.add_argument("--cost-n", type=int, default=50, help="calls per small cost series")
     ap.add_argument("--no-record", action="store_true", help="print only, write no JSON")
     a = ap.parse_args(argv)
@@ -589,8 +620,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         lr=a.lr,
         max_length=a.max_length,
         threads=a.threads,
+        full=a.full,
+        batch=a.batch,
     )
-    tag = f"s{p.seed}-r{p.rank}-e{p.epochs}-lr{p.lr:g}-L{p.max_length}"
+    kind = "full" if p.full else f"r{p.rank}"
+    tag = f"s{p.seed}-{kind}-e{p.epochs}-lr{p.lr:g}-L{p.max_length}"
     result = run(p, CACHE_DIR / f"cross-{tag}.npz", a.train, a.cost_n)
     print(format_table(result))
     if not a.no_record:

@@ -1,6 +1,7 @@
 """The cross-encoder experiment (`benchmarks/semantic_cross.py`): merging the LoRA deltas
-at load gives what the LoRA-wrapped model computes, and weights that do not fit are
-refused naming the file. Every sentence here is made up; needs `quotaflow[semantic]`.
+at load gives what the LoRA-wrapped model computes, fully fine-tuned weights load as
+they were trained, and weights that do not fit are refused naming the file. Every
+sentence here is made up; needs `quotaflow[semantic]`.
 """
 
 from __future__ import annotations
@@ -83,3 +84,34 @@ def test_weights_that_do_not_fit_are_refused_naming_the_file(
     assert key in str(err.value)
     with pytest.raises(VerifierWeightsError, match="unreadable"):
         CrossVerifier(tmp_path / "missing.npz")
+
+
+def test_fully_fine_tuned_weights_load_as_trained(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    tokenizer, model = load_base()
+    encoder = {n: p for n, p in model.named_parameters() if n.startswith("encoder.")}
+    with torch.no_grad():
+        for p in encoder.values():
+            p.add_(torch.randn_like(p) * 0.01)
+    head = torch.nn.Linear(int(model.config.hidden_size), 1)
+    model.eval()
+    enc = tokenizer(_QUERIES, _CANDIDATES, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        out = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
+        expected = torch.sigmoid(head((out * mask).sum(1) / mask.sum(1)).squeeze(1)).numpy()
+    path = tmp_path / "full.npz"
+    arrays = weight_arrays({}, encoder, head, 1.0, _MAX_LENGTH, prefix="full.")
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    got = CrossVerifier(path).probabilities_of(_QUERIES, _CANDIDATES)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    # Without the fine-tuned weights (one other array keeps the file in full mode) the
+    # scores differ: the test sees the weights that were loaded, not the base model.
+    arrays = {k: v for k, v in arrays.items() if not k.startswith("full.")}
+    arrays["full.encoder.layer.0.output.LayerNorm.bias"] = np.zeros(
+        int(model.config.hidden_size), np.float32
+    )
+    base_path = tmp_path / "base.npz"
+    np.savez(base_path, **arrays)  # type: ignore[arg-type]
+    base = CrossVerifier(base_path).probabilities_of(_QUERIES, _CANDIDATES)
+    assert np.abs(base - expected).max() > 1e-3
