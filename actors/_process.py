@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import threading
 from collections.abc import Callable
@@ -33,13 +34,18 @@ def tune_process(config: Config) -> None:
     if threshold > 0:
         _, gen1, gen2 = gc.get_threshold()
         gc.set_threshold(threshold, gen1, gen2)
-    trim = glibc_malloc_trim()
-    if config.gateway.malloc_trim_s > 0 and trim is not None:
-        _PROCESS_TRIMMER.ensure(config.gateway.malloc_trim_s, trim)
+    if config.gateway.malloc_trim_s > 0:
+        trim = glibc_malloc_trim()
+        if trim is not None:
+            _PROCESS_TRIMMER.ensure(config.gateway.malloc_trim_s, trim)
 
 
+@functools.cache
 def glibc_malloc_trim() -> Callable[[], object] | None:
-    """`malloc_trim(0)` of the C library, or None where it has none (not glibc)."""
+    """`malloc_trim(0)` of the C library, or None where it has none (not glibc).
+
+    Looked up once per process: `find_library` runs `ldconfig` in a subprocess, and every
+    actor of a process calls `tune_process`."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None

@@ -736,12 +736,15 @@ class QuotaBook:
         drop = {(owner, t) for t in tickets}
         withdrawn = 0
         for key, queue in self._queues.items():
-            kept = [e for e in queue if (e[2].ask.owner, e[2].ask.ticket) not in drop]
-            if len(kept) == len(queue):
-                continue
-            for *_, w in queue:
+            kept: list[_HeapEntry] = []
+            for entry in queue:
+                w = entry[2]
                 if (w.ask.owner, w.ask.ticket) in drop:
                     w.done = True  # its deadline entry is skipped from now on
+                else:
+                    kept.append(entry)
+            if len(kept) == len(queue):
+                continue
             withdrawn += len(queue) - len(kept)
             self._dequeued(key[1], len(queue) - len(kept))
             heapq.heapify(kept)
