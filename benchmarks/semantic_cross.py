@@ -324,13 +324,14 @@ def train_cross(
     if p.full:
         scale = 1.0
         loras: dict[str, Any] = {}
-        norms = {n: prm for n, prm in model.named_parameters() if n.startswith("encoder.")}
-        for prm in norms.values():
+        # Every encoder parameter is trained, and saved whole.
+        tuned = {n: prm for n, prm in model.named_parameters() if n.startswith("encoder.")}
+        for prm in tuned.values():
             prm.requires_grad_(True)
         # Weight decay on the weight matrices only, not on biases and LayerNorms.
-        decays = {n: n.endswith("weight") and "LayerNorm" not in n for n in norms}
-        decayed = [prm for n, prm in norms.items() if decays[n]]
-        plain = [prm for n, prm in norms.items() if not decays[n]]
+        decays = {n: n.endswith("weight") and "LayerNorm" not in n for n in tuned}
+        decayed = [prm for n, prm in tuned.items() if decays[n]]
+        plain = [prm for n, prm in tuned.items() if not decays[n]]
         groups = [
             {"params": decayed, "lr": p.lr, "weight_decay": p.weight_decay},
             {"params": plain, "lr": p.lr, "weight_decay": 0.0},
@@ -338,13 +339,13 @@ def train_cross(
     else:
         scale = p.alpha / p.rank
         loras = add_lora(model, p.rank, scale)
-        norms = {n: prm for n, prm in model.named_parameters() if "LayerNorm" in n}
-        for prm in norms.values():
+        tuned = {n: prm for n, prm in model.named_parameters() if "LayerNorm" in n}
+        for prm in tuned.values():
             prm.requires_grad_(True)
         lora_params = [x for m in loras.values() for x in (m.A, m.B)]
         groups = [
             {"params": lora_params, "lr": p.lr, "weight_decay": p.weight_decay},
-            {"params": list(norms.values()), "lr": p.lr, "weight_decay": 0.0},
+            {"params": list(tuned.values()), "lr": p.lr, "weight_decay": 0.0},
         ]
     groups.append({"params": list(head.parameters()), "lr": p.head_lr, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups)
@@ -398,7 +399,7 @@ def train_cross(
                 )
         log.append({"epoch": epoch + 1, "loss": round(total / max(seen, 1), 4)})
     prefix = "full." if p.full else "norm."
-    return weight_arrays(loras, norms, head, scale, p.max_length, prefix), log
+    return weight_arrays(loras, tuned, head, scale, p.max_length, prefix), log
 
 
 def add_lora(model: Any, rank: int, scale: float) -> dict[str, Any]:
@@ -423,7 +424,8 @@ def weight_arrays(
     max_length: int,
     prefix: str = "norm.",
 ) -> dict[str, npt.NDArray[np.float32]]:
-    """The weights file's arrays (what `CrossVerifier` reads) of a LoRA-wrapped model."""
+    """The weights file's arrays (what `CrossVerifier` reads): the LoRA factors, and each
+    of `norms` whole under `prefix` (`norm.` beside LoRA, `full.` for a full fine-tune)."""
     arrays: dict[str, npt.NDArray[np.float32]] = {
         "scale": np.array([scale], np.float32),
         "max_length": np.array([max_length], np.float32),

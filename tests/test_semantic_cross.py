@@ -25,6 +25,24 @@ _CANDIDATES = ["How can I cancel my gym membership?", "Is the museum open on Sun
 _RANK, _SCALE, _MAX_LENGTH = 4, 2.0, 48
 
 
+def _probabilities(tokenizer: Any, model: Any, head: Any) -> Any:
+    """P(same) of the (query, candidate) pairs as the model in memory computes them."""
+    model.eval()
+    enc = tokenizer(
+        _QUERIES,
+        _CANDIDATES,
+        truncation=True,
+        max_length=_MAX_LENGTH,
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.inference_mode():
+        out = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
+        pooled = (out * mask).sum(1) / mask.sum(1)
+        return torch.sigmoid(head(pooled).squeeze(1)).numpy()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     """A LoRA-wrapped model with random deltas, its weights file and its probabilities."""
@@ -39,20 +57,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
         for p in norms.values():
             p.mul_(1.01)
     head = torch.nn.Linear(int(model.config.hidden_size), 1)
-    model.eval()
-    enc = tokenizer(
-        _QUERIES,
-        _CANDIDATES,
-        truncation=True,
-        max_length=_MAX_LENGTH,
-        padding=True,
-        return_tensors="pt",
-    )
-    with torch.inference_mode():
-        out = model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
-        pooled = (out * mask).sum(1) / mask.sum(1)
-        expected = torch.sigmoid(head(pooled).squeeze(1)).numpy()
+    expected = _probabilities(tokenizer, model, head)
     path = tmp_path_factory.mktemp("cross") / "weights.npz"
     np.savez(path, **weight_arrays(loras, norms, head, _SCALE, _MAX_LENGTH))  # type: ignore[arg-type]
     return path, expected
@@ -94,12 +99,7 @@ def test_fully_fine_tuned_weights_load_as_trained(tmp_path: Path) -> None:
         for p in encoder.values():
             p.add_(torch.randn_like(p) * 0.01)
     head = torch.nn.Linear(int(model.config.hidden_size), 1)
-    model.eval()
-    enc = tokenizer(_QUERIES, _CANDIDATES, padding=True, return_tensors="pt")
-    with torch.inference_mode():
-        out = model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
-        expected = torch.sigmoid(head((out * mask).sum(1) / mask.sum(1)).squeeze(1)).numpy()
+    expected = _probabilities(tokenizer, model, head)
     path = tmp_path / "full.npz"
     arrays = weight_arrays({}, encoder, head, 1.0, _MAX_LENGTH, prefix="full.")
     np.savez(path, **arrays)  # type: ignore[arg-type]
