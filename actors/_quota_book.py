@@ -122,8 +122,8 @@ class DeploymentBuckets:
         lim = dep.limits
         minute = MINUTE_S + margin_s
         second = SECOND_S + second_margin_s
-        rpm = SlidingWindow(lim.rpm, minute) if lim.rpm else None
-        tpm = SlidingWindow(lim.tpm, minute) if lim.tpm else None
+        rpm = SlidingWindow(lim.rpm, minute, merge=True) if lim.rpm else None
+        tpm = SlidingWindow(lim.tpm, minute, merge=True) if lim.tpm else None
         requests = [w for w in (rpm,) if w]
         tokens = [w for w in (tpm,) if w]
         short: set[int] = set()
@@ -254,9 +254,9 @@ class TenantBuckets:
     def of(cls, t: Tenant | None, name: str, margin_s: float) -> TenantBuckets:
         windows: list[tuple[SlidingWindow, bool]] = []
         if t is not None and t.rpm:
-            windows.append((SlidingWindow(t.rpm, MINUTE_S + margin_s), False))
+            windows.append((SlidingWindow(t.rpm, MINUTE_S + margin_s, merge=True), False))
         if t is not None and t.tpm:
-            windows.append((SlidingWindow(t.tpm, MINUTE_S + margin_s), True))
+            windows.append((SlidingWindow(t.tpm, MINUTE_S + margin_s, merge=True), True))
         return cls(
             name=name,
             weight=t.weight if t else 1.0,
@@ -314,7 +314,10 @@ class TenantBuckets:
         return verdict
 
     def fits(self, tokens: int, now: float) -> bool:
-        return all(w.fits(tokens if is_tokens else 1, now) for w, is_tokens in self.windows)
+        for w, is_tokens in self.windows:  # noqa: SIM110 - a loop: this runs for every ask
+            if not w.fits(tokens if is_tokens else 1, now):
+                return False
+        return True
 
     def free_at(self, tokens: int, now: float) -> float:
         t = now
@@ -587,18 +590,19 @@ class QuotaBook:
         """Grant `ask` on its first candidate with room, or None to keep it waiting."""
         tenant = self.tenant(ask.tenant)
         tenant.roll(wall)
-        if not tenant.fits(ask.tokens, now):
+        tokens = ask.prompt_tokens + ask.max_tokens
+        if tenant.windows and not tenant.fits(tokens, now):
             return None
         for dep in self._candidates(ask, now):
-            if dep.name in blocked or not dep.can_ever_fit(ask.tokens):
+            if dep.name in blocked or not dep.can_ever_fit(tokens):
                 continue
-            if not dep.fits(ask.tokens, now):
+            if not dep.fits(tokens, now):
                 continue
             cost = _cost(dep.price, ask.prompt_tokens, ask.max_tokens)
-            verdict = tenant.budget_verdict(ask.tokens, cost)
+            verdict = tenant.budget_verdict(tokens, cost)
             if verdict == "never":
                 return Refusal(
-                    ask.ticket, "quota_exceeded", self._budget_message(tenant, ask.tokens, cost)
+                    ask.ticket, "quota_exceeded", self._budget_message(tenant, tokens, cost)
                 )
             if verdict == "wait":
                 return None
@@ -617,14 +621,27 @@ class QuotaBook:
         # A quantizing provider sees the call when it is sent: record it then.
         pace = dep.pace_s
         at = now + pace
-        request_entries = [(w, w.add(1, at)) for w in dep.requests]
-        entries = [(w, w.add(ask.tokens, at)) for w in dep.tokens]
-        own = [(w, e) for w, e in request_entries + entries if w.span_s < DAY_S]
+        tokens = ask.prompt_tokens + ask.max_tokens
+        short = dep.short
+        own: list[tuple[SlidingWindow, Entry]]
+        if short:
+            # The 1 s windows are held until the caller reports the real send (sent_late).
+            hold = self._unconfirmed_hold_s
+            own = [(w, w.add(1, at, hold if id(w) in short else 0.0)) for w in dep.requests]
+            entries = [(w, w.add(tokens, at, hold if id(w) in short else 0.0)) for w in dep.tokens]
+            own.extend(entries)
+            own = [(w, e) for w, e in own if w.span_s < DAY_S]
+        else:
+            # No send report comes for an unpaced call: nothing of it is moved later.
+            own = []
+            for w in dep.requests:
+                w.add(1, at)
+            entries = [(w, w.add(tokens, at)) for w in dep.tokens]
         for w, is_tokens in tenant.windows:
-            e = w.add(ask.tokens if is_tokens else 1, now)
+            e = w.add(tokens if is_tokens else 1, now)
             if is_tokens:
                 entries.append((w, e))
-        tenant.day_reserved += ask.tokens
+        tenant.day_reserved += tokens
         tenant.day_reserved_usd += cost
         tenant.month_reserved_usd += cost
         dep.in_flight += 1
@@ -632,10 +649,6 @@ class QuotaBook:
         dep.breaker.started(now)
         lease = next(self._lease_ids)
         recorded_ms = self._wall_ms() + pace * 1000.0
-        if dep.short:
-            for w, e in (*request_entries, *entries):
-                if id(w) in dep.short:
-                    w.postpone(e, self._unconfirmed_hold_s, at)
         self._leases[lease] = _Lease(
             deployment=dep,
             tenant=tenant,
@@ -684,24 +697,31 @@ class QuotaBook:
             while True:
                 tenants = [t for (p, t), q in self._queues.items() if p == prio and q]
                 tenants.sort(key=lambda name: self.tenants[name].vtime)
+                # Alone at its priority, a tenant keeps the turn: there is no order to
+                # recompute after each grant (that was most of a batch's overhead).
+                alone = len(tenants) == 1
                 progressed = False
                 for name in tenants:
                     queue = self._queues[(prio, name)]
-                    head = queue[0][2]
-                    decision = self._try(head.ask, head.since, now, wall, blocked)
-                    if decision is None:
-                        # Hold its deployments for it: nothing behind may take their room.
-                        blocked.update(head.ask.candidates)
-                        continue
-                    heapq.heappop(queue)
-                    head.done = True
-                    self._dequeued(name)
-                    self._queued.discard((head.ask.owner, head.ask.ticket))
-                    if isinstance(decision, Refusal):
-                        self.refusals_total += 1
-                    out.append((head.ask, decision))
-                    progressed = True
-                    break  # virtual times moved: pick the next tenant afresh
+                    while queue:
+                        head = queue[0][2]
+                        decision = self._try(head.ask, head.since, now, wall, blocked)
+                        if decision is None:
+                            # Hold its deployments for it: nothing behind may take their room.
+                            blocked.update(head.ask.candidates)
+                            break
+                        heapq.heappop(queue)
+                        head.done = True
+                        self._dequeued(name)
+                        self._queued.discard((head.ask.owner, head.ask.ticket))
+                        if isinstance(decision, Refusal):
+                            self.refusals_total += 1
+                        out.append((head.ask, decision))
+                        progressed = True
+                        if not alone:
+                            break
+                    if progressed:
+                        break  # virtual times moved: pick the next tenant afresh
                 if not progressed:
                     break
         return out
@@ -921,6 +941,8 @@ class QuotaBook:
             )
 
     def _check_alerts(self, t: TenantBuckets, wall: float) -> None:
+        if not t.budgeted:
+            return
         checks: list[tuple[str, float, float | None]] = [
             ("daily_tokens", float(t.day_used), float(t.daily_tokens) if t.daily_tokens else None),
             ("daily_usd", t.day_used_usd, t.daily_budget_usd),

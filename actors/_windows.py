@@ -53,6 +53,7 @@ class SlidingWindow:
         "_entries",
         "_external",
         "_external_until",
+        "_merge",
         "_steps",
         "_used",
         "configured_limit",
@@ -60,11 +61,17 @@ class SlidingWindow:
         "span_s",
     )
 
-    def __init__(self, limit: int, span_s: float, *, bucket_s: float = 0.0) -> None:
+    def __init__(
+        self, limit: int, span_s: float, *, bucket_s: float = 0.0, merge: bool = False
+    ) -> None:
         self.configured_limit = limit
         self.limit = limit
         self.span_s = span_s
         self._bucket_s = bucket_s
+        # Admissions at the very same instant share one entry (a batch is granted at one
+        # `now`): one object per batch instead of per grant. Only for windows whose entries
+        # are never moved earlier one by one (not the quantized 1 s windows).
+        self._merge = merge
         self._entries: deque[Entry] = deque()
         # Live amount per dump step of expiry (see `dump`).
         self._steps: dict[int, int] = {}
@@ -105,14 +112,30 @@ class SlidingWindow:
         used = self.used(now)
         return used + amount <= self.limit or used == 0
 
-    def add(self, amount: int, now: float) -> Entry:
-        """Record an admission at `now` (callers check `fits` first)."""
-        if self._bucket_s and self._entries and now < self._entries[-1].opened_at + self._bucket_s:
-            entry = self._entries[-1]
+    def add(self, amount: int, now: float, hold_s: float = 0.0) -> Entry:
+        """Record an admission at `now` (callers check `fits` first); `hold_s` expires it
+        that much later (as `postpone` would, without moving it after the fact)."""
+        if hold_s > 0:
+            # Never shared: a held entry is later moved on its own (`expire_at`).
+            held = Entry(now, now + self._bucket_s + self.span_s + hold_s, amount)
+            self._entries.append(held)
+            self._used += amount
+            k = math.ceil(held.expires_at / _DUMP_STEP_S)
+            self._steps[k] = self._steps.get(k, 0) + amount
+            return held
+        entries = self._entries
+        last = entries[-1] if entries else None
+        if last is not None and (
+            (self._bucket_s and now < last.opened_at + self._bucket_s)
+            # Same instant, and it expires no earlier than a new entry would (a restored
+            # entry may expire sooner): sharing it never releases this admission early.
+            or (self._merge and now == last.opened_at and last.expires_at >= now + self.span_s)
+        ):
+            entry = last
             entry.amount += amount
         else:
             entry = Entry(now, now + self._bucket_s + self.span_s, amount)
-            self._entries.append(entry)
+            entries.append(entry)
         self._used += amount
         # `_shift(entry.expires_at, amount)`, inlined: this runs for every grant.
         k = math.ceil(entry.expires_at / _DUMP_STEP_S)
@@ -143,13 +166,17 @@ class SlidingWindow:
             self._shift(entry.expires_at, delta)
 
     def postpone(self, entry: Entry, delay_s: float, now: float) -> None:
-        """The admission reached the provider `delay_s` later than recorded: expire it later.
+        """The admission reached the provider `delay_s` later than recorded: it expires no
+        earlier than `delay_s` after its recorded expiry.
 
-        Entries then may sit out of expiry order; expiry from the left keeps them longer,
-        never shorter, so the window only errs on the safe side.
+        An entry shared by admissions of one instant takes the latest of their delays (not
+        their sum). Entries then may sit out of expiry order; expiry from the left keeps
+        them longer, never shorter, so the window only errs on the safe side.
         """
         if delay_s > 0 and entry.expires_at > now:
-            self._move(entry, entry.expires_at + delay_s)
+            at = entry.opened_at + self._bucket_s + self.span_s + delay_s
+            if at > entry.expires_at:
+                self._move(entry, at)
 
     def expire_at(self, entry: Entry, at: float, now: float) -> None:
         """Let a held entry expire at `at` (earlier or later than it would have).

@@ -93,26 +93,30 @@ def _dump_from_scratch(w: SlidingWindow, now: float) -> list[tuple[float, float]
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["add", "adjust", "postpone", "expire_at", "wait"]),
+            st.sampled_from(["add", "hold", "adjust", "postpone", "expire_at", "wait"]),
             st.integers(min_value=0, max_value=50),
-            st.floats(min_value=0.0, max_value=3.0),
+            st.sampled_from([0.0, 0.0, 0.7, 1.3, 3.0]),
         ),
         max_size=60,
     ),
-    st.sampled_from([0.0, 0.5]),
+    st.sampled_from([(0.0, False), (0.5, False), (0.0, True)]),
 )
 def test_dump_sums_stay_right_through_every_change(
-    ops: list[tuple[str, int, float]], bucket_s: float
+    ops: list[tuple[str, int, float]], shape: tuple[float, bool]
 ) -> None:
     """The per-step sums kept as entries change give what summing the entries would: each
-    entry's amount at or after its own expiry, within one step, nothing lost or doubled."""
-    w = SlidingWindow(limit=10_000, span_s=2.0, bucket_s=bucket_s)
+    entry's amount at or after its own expiry, within one step, nothing lost or doubled.
+    Steps of 0 add at one instant, which merging windows share in one entry."""
+    bucket_s, merge = shape
+    w = SlidingWindow(limit=10_000, span_s=2.0, bucket_s=bucket_s, merge=merge)
     now = 0.0
     entries = []
     for op, n, dt in ops:
         now += dt / 4
         if op == "add":
             entries.append(w.add(n, now))
+        elif op == "hold":
+            entries.append(w.add(n, now, hold_s=dt))
         elif entries and op == "adjust":
             w.adjust(entries[n % len(entries)], n - 25, now)
         elif entries and op == "postpone":
@@ -126,6 +130,57 @@ def test_dump_sums_stay_right_through_every_change(
         for expires_at, amount in live:
             ttl = expires_at - now
             assert any(ttl - 1e-9 <= t <= ttl + 0.1 + 1e-9 and a >= amount for t, a in dumped)
+
+
+def test_admissions_of_one_instant_share_an_entry_that_never_expires_early() -> None:
+    """A merging window keeps one entry per instant; a restored entry that expires sooner
+    is not shared, or the new admissions would leave the window with it."""
+    w = SlidingWindow(limit=100, span_s=60.0, merge=True)
+    w.restore([(5.0, 10)], now=0.0)  # from a checkpoint: expires at 5 s
+    a = w.add(3, now=0.0)
+    b = w.add(4, now=0.0)
+    later = w.add(1, now=0.5)
+    assert a is b and later is not a
+    assert w.used(now=5.0) == 8  # the restored 10 are gone, the new 3 + 4 + 1 are not
+    assert w.used(now=59.9) == 8
+    assert w.used(now=60.0) == 1
+    assert w.used(now=60.5) == 0
+
+
+def test_a_shared_entry_is_postponed_by_its_latest_delay_not_by_their_sum() -> None:
+    w = SlidingWindow(limit=100, span_s=60.0, merge=True)
+    a = w.add(3, now=0.0)
+    w.add(4, now=0.0)
+    w.postpone(a, 2.0, now=1.0)  # one admission of the instant left 2 s late ...
+    w.postpone(a, 3.0, now=1.0)  # ... another 3 s late
+    w.postpone(a, 1.0, now=1.0)  # ... a third 1 s late: moves nothing
+    assert w.used(now=62.9) == 7
+    assert w.used(now=63.0) == 0
+
+
+def test_held_entries_are_never_shared() -> None:
+    """Entries added with a hold (the quantized 1 s windows) are later moved one by one:
+    releasing one must not release another granted at the same instant."""
+    w = SlidingWindow(limit=10, span_s=1.0, merge=True)
+    a = w.add(1, now=0.0, hold_s=0.5)
+    b = w.add(1, now=0.0, hold_s=0.5)
+    assert a is not b
+    assert w.used(now=1.4) == 2  # held: span 1 s + hold 0.5 s
+    w.expire_at(a, 0.2, now=0.1)
+    assert w.used(now=0.3) == 1
+    assert w.used(now=1.5) == 0
+
+
+def test_a_lone_tenant_is_granted_a_whole_batch_in_order() -> None:
+    """Alone at its priority a tenant keeps the turn; the batch is granted in its order and
+    what does not fit waits, as with many tenants."""
+    clock = FakeClock()
+    book = QuotaBook(
+        _config({"rpm": 4, "quantize_per_second": False}), clock=clock, wall_ms=lambda: 0.0
+    )
+    decisions = book.submit([_ask(i) for i in range(6)])
+    assert [type(d) for d in decisions] == [Grant] * 4 + [Queued] * 2
+    assert [d.ticket for d in decisions if isinstance(d, Grant)] == [0, 1, 2, 3]
 
 
 def test_rpm_limit_grants_then_queues_and_admits_when_window_frees() -> None:
