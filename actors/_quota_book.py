@@ -728,16 +728,14 @@ class QuotaBook:
 
     def _expire_deadlines(self, wall: float) -> list[tuple[Ask, Admitted]]:
         out: list[tuple[Ask, Admitted]] = []
+        touched: set[tuple[int, str]] = set()
         while self._deadlines and self._deadlines[0][0] <= wall:
-            entry = heapq.heappop(self._deadlines)
-            w = entry[2]
+            w = heapq.heappop(self._deadlines)[2]
             if w.done:
                 continue
             w.done = True
             self._queued.discard((w.ask.owner, w.ask.ticket))
-            queue = self._queues[(w.ask.priority, w.ask.tenant)]
-            queue.remove(entry)  # the same tuple object: found by identity
-            heapq.heapify(queue)
+            touched.add((w.ask.priority, w.ask.tenant))
             self._dequeued(w.ask.tenant)
             self.refusals_total += 1
             out.append(
@@ -748,6 +746,12 @@ class QuotaBook:
                     ),
                 )
             )
+        # The expired leave their tenant heaps in one pass per heap, however many expired
+        # (removing each on its own was a scan and a heapify per expiry).
+        for key in touched:
+            queue = self._queues[key]
+            queue[:] = [e for e in queue if not e[2].done]
+            heapq.heapify(queue)
         return out
 
     def cancel(self, owner: str, tickets: Iterable[int]) -> int:

@@ -140,7 +140,8 @@ def test_admissions_of_one_instant_share_an_entry_that_never_expires_early() -> 
     a = w.add(3, now=0.0)
     b = w.add(4, now=0.0)
     later = w.add(1, now=0.5)
-    assert a is b and later is not a
+    assert a is b
+    assert later is not a
     assert w.used(now=5.0) == 8  # the restored 10 are gone, the new 3 + 4 + 1 are not
     assert w.used(now=59.9) == 8
     assert w.used(now=60.0) == 1
@@ -431,6 +432,30 @@ def test_queued_ask_whose_deadline_passes_is_answered() -> None:
     book.admit_waiting()
     decided = book.take("o")
     assert any(isinstance(d, Refusal) and d.ticket == 2 for d in decided)
+
+
+def test_many_deadlines_passing_at_once_leave_the_rest_queued_in_order() -> None:
+    wall = [0.0]
+    clock = FakeClock()
+    book = QuotaBook(
+        _config({"rpm": 1, "quantize_per_second": False}), clock=clock, wall_ms=lambda: wall[0]
+    )
+    assert isinstance(book.submit([_ask(0)])[0], Grant)
+    asks = [_ask(i, deadline_ms=70_000 if i % 2 == 0 else None) for i in range(1, 11)]
+    assert all(isinstance(d, Queued) for d in book.submit(asks))
+    wall[0] = 70_001.0
+    book.admit_waiting()
+    refused = sorted(d.ticket for d in book.take("o") if isinstance(d, Refusal))
+    assert refused == [2, 4, 6, 8, 10]
+    assert book.queue_depth == 5
+    assert book.snapshot()["queue_by_tenant"] == {"t": 5}
+    granted = []
+    for _ in range(5):
+        clock.now += 61.0
+        book.admit_waiting()
+        granted += [d.ticket for d in book.take("o") if isinstance(d, Grant)]
+    assert granted == [1, 3, 5, 7, 9]
+    assert book.queue_depth == 0
 
 
 def test_429_freezes_the_deployment_and_headers_only_tighten() -> None:
