@@ -17,13 +17,17 @@ topic, consumer group and internal topics:
 * **soak**: limits far above the load, `--rate` streamed requests per second, open loop,
   16-token answers, for `--warmup-s` + `--soak-s` seconds; every `--sample-every-s` the
   same per-role figures. **start** is the first sample after the warm-up, **end** the last
-  one of the load; growth = end - start.
+  one of the load; growth = end - start. Also reported: the growth without the
+  idempotency shards (the store keeps every finished reply until its bounds, by design)
+  and over the second half of the soak. `--idempotency-max-entries` bounds the store
+  low enough for the warm-up to fill it, so the soak sees it at its steady size.
 
 RSS counts pages shared between processes (libraries) once per process; PSS (from
 `/proc/<pid>/smaps_rollup`) splits them, so its total is the machine's real cost. Linux
 only (reads /proc). The gateway's ingress/actor figures come from its metrics endpoint.
 
     .venv/bin/python -m benchmarks.memory [--in-flight 10000] [--soak-s 600] [--rate 50]
+        [--idempotency-max-entries N]
 """
 
 from __future__ import annotations
@@ -111,6 +115,9 @@ class Params:
     max_tokens: int = 16
     sim_ttft_ms: int = 20
     sim_inter_token_ms: int = 1
+    # resilience.idempotency.max_entries of the soak's gateway (None: the default): a
+    # bound the warm-up fills shows the store at its steady size.
+    idempotency_max_entries: int | None = None
     keep: bool = False
     record: bool = True
 
@@ -468,6 +475,8 @@ async def _sampler(
 
 async def _soak(p: Params, raw_base: dict[str, Any], work: Path, notes: dict[str, Any]) -> Any:
     raw = _phase_config(raw_base, "soak")
+    if p.idempotency_max_entries is not None:
+        raw["resilience"] = {"idempotency": {"max_entries": p.idempotency_max_entries}}
     gateway, url, config = await _start_gateway(raw, work, "soak", notes)
     assert gateway.proc is not None
     root = gateway.proc.pid
@@ -534,7 +543,7 @@ def _growth(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Start (first sample after the warm-up), end (last of the load), growth and max."""
     if len(samples) < 2:
         return {"samples": len(samples)}
-    first, last = samples[0], samples[-1]
+    first, mid, last = samples[0], samples[len(samples) // 2], samples[-1]
 
     def delta(a: float, b: float) -> dict[str, float | None]:
         return {
@@ -558,7 +567,20 @@ def _growth(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "roles_rss": {
             r: delta(first["roles"][r]["rss_mib"], last["roles"][r]["rss_mib"]) for r in ROLES
         },
+        # The idempotency store keeps every finished reply (bounded): what is left without
+        # it is what could be a leak; the second half shows whether that still rises.
+        "rss_without_idempotency": delta(_without_store(first), _without_store(last)),
+        "second_half": {
+            "start_t_s": mid["t_s"],
+            "total_rss": delta(mid["total"]["rss_mib"], last["total"]["rss_mib"]),
+            "rss_without_idempotency": delta(_without_store(mid), _without_store(last)),
+        },
     }
+
+
+def _without_store(sample: dict[str, Any]) -> float:
+    """Total RSS of a sample less the idempotency shards' (retained by design)."""
+    return round(sample["total"]["rss_mib"] - sample["roles"]["idempotency"]["rss_mib"], 1)
 
 
 async def _measure(p: Params, work: Path, notes: dict[str, Any]) -> dict[str, Any]:
@@ -623,6 +645,7 @@ async def run(p: Params) -> dict[str, Any]:
             "max_tokens": p.max_tokens,
             "sim_ttft_ms": p.sim_ttft_ms,
             "sim_inter_token_ms": p.sim_inter_token_ms,
+            "idempotency_max_entries": p.idempotency_max_entries,
             "limits": LIMITS,
             "prompt": PROMPT,
         },
@@ -702,6 +725,14 @@ def format_table(result: dict[str, Any]) -> str:
                 f"soak total RSS {t['start_mib']} -> {t['end_mib']} MiB "
                 f"({t['growth_mib']:+} MiB, {t['growth_pct']:+}%), max {g['max_total_rss_mib']}"
             )
+            if "second_half" in g:
+                w, h = g["rss_without_idempotency"], g["second_half"]
+                lines.append(
+                    f"without the idempotency store {w['start_mib']} -> {w['end_mib']} MiB "
+                    f"({w['growth_mib']:+} MiB); second half (from {h['start_t_s']} s): total "
+                    f"{h['total_rss']['growth_mib']:+} MiB, without the store "
+                    f"{h['rss_without_idempotency']['growth_mib']:+} MiB"
+                )
             end = g.get("gateway_end") or {}
             if "idempotency_entries" in end:
                 lines.append(
@@ -769,10 +800,17 @@ def record(result: dict[str, Any], json_path: Path) -> Path:
     g = (soak or {}).get("growth") or {}
     if soak and g.get("samples", 0) >= 2:
         t, o = g["total_rss"], soak["outcomes"]
+        grew = f"{t['growth_mib']:+} ({t['growth_pct']:+}%)"
+        if "second_half" in g:
+            grew += (
+                f"; without the idempotency store "
+                f"{g['rss_without_idempotency']['growth_mib']:+}, its second half "
+                f"{g['second_half']['rss_without_idempotency']['growth_mib']:+}"
+            )
         cells += [
             f"{soak['rate_per_s']:g} x {soak['soak_s']:g}",
             f"{t['start_mib']} -> {t['end_mib']}",
-            f"{t['growth_mib']:+} ({t['growth_pct']:+}%)",
+            grew,
             _mib(g["max_total_rss_mib"]),
             f"{o['done']} / {o['errors']}",
         ]
@@ -794,9 +832,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Params:
     ap.add_argument("--warmup-s", type=float, default=30.0, help="soak warm-up, not measured")
     ap.add_argument("--rate", type=float, default=50.0, help="soak load, req/s open loop")
     ap.add_argument("--sample-every-s", type=float, default=10.0, help="soak sampling interval")
+    ap.add_argument(
+        "--idempotency-max-entries",
+        type=int,
+        default=None,
+        help="the soak gateway's resilience.idempotency.max_entries (default: the config's)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, broker data)")
     ap.add_argument("--no-record", action="store_true", help="write neither JSON nor BENCHMARKS.md")
     a = ap.parse_args(argv)
+    if a.idempotency_max_entries is not None and a.idempotency_max_entries < 1:
+        ap.error(f"--idempotency-max-entries must be >= 1, not {a.idempotency_max_entries}")
     if a.in_flight < 0 or a.hold_rpm < 1 or a.publish_concurrency < 1:
         ap.error("--in-flight must be >= 0, --hold-rpm and --publish-concurrency >= 1")
     if a.soak_s < 0 or a.warmup_s < 0 or a.rate <= 0 or a.sample_every_s <= 0:
@@ -809,6 +855,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Params:
         warmup_s=a.warmup_s,
         rate=a.rate,
         sample_every_s=a.sample_every_s,
+        idempotency_max_entries=a.idempotency_max_entries,
         keep=a.keep,
         record=not a.no_record,
     )
