@@ -590,8 +590,8 @@ class QuotaBook:
         """Grant `ask` on its first candidate with room, or None to keep it waiting."""
         tenant = self.tenant(ask.tenant)
         tenant.roll(wall)
-        tokens = ask.prompt_tokens + ask.max_tokens
-        if tenant.windows and not tenant.fits(tokens, now):
+        tokens = ask.tokens
+        if not tenant.fits(tokens, now):
             return None
         for dep in self._candidates(ask, now):
             if dep.name in blocked or not dep.can_ever_fit(tokens):
@@ -621,22 +621,14 @@ class QuotaBook:
         # A quantizing provider sees the call when it is sent: record it then.
         pace = dep.pace_s
         at = now + pace
-        tokens = ask.prompt_tokens + ask.max_tokens
+        tokens = ask.tokens
         short = dep.short
-        own: list[tuple[SlidingWindow, Entry]]
-        if short:
-            # The 1 s windows are held until the caller reports the real send (sent_late).
-            hold = self._unconfirmed_hold_s
-            own = [(w, w.add(1, at, hold if id(w) in short else 0.0)) for w in dep.requests]
-            entries = [(w, w.add(tokens, at, hold if id(w) in short else 0.0)) for w in dep.tokens]
-            own.extend(entries)
-            own = [(w, e) for w, e in own if w.span_s < DAY_S]
-        else:
-            # No send report comes for an unpaced call: nothing of it is moved later.
-            own = []
-            for w in dep.requests:
-                w.add(1, at)
-            entries = [(w, w.add(tokens, at)) for w in dep.tokens]
+        # The 1 s windows are held until the caller reports the real send (sent_late).
+        hold = self._unconfirmed_hold_s
+        request_entries = [(w, w.add(1, at, hold if id(w) in short else 0.0)) for w in dep.requests]
+        entries = [(w, w.add(tokens, at, hold if id(w) in short else 0.0)) for w in dep.tokens]
+        # Only paced calls get a send report, which moves their own entries.
+        own = [(w, e) for w, e in (*request_entries, *entries) if w.span_s < DAY_S] if short else []
         for w, is_tokens in tenant.windows:
             e = w.add(tokens if is_tokens else 1, now)
             if is_tokens:

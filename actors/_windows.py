@@ -115,26 +115,23 @@ class SlidingWindow:
     def add(self, amount: int, now: float, hold_s: float = 0.0) -> Entry:
         """Record an admission at `now` (callers check `fits` first); `hold_s` expires it
         that much later (as `postpone` would, without moving it after the fact)."""
-        if hold_s > 0:
-            # Never shared: a held entry is later moved on its own (`expire_at`).
-            held = Entry(now, now + self._bucket_s + self.span_s + hold_s, amount)
-            self._entries.append(held)
-            self._used += amount
-            k = math.ceil(held.expires_at / _DUMP_STEP_S)
-            self._steps[k] = self._steps.get(k, 0) + amount
-            return held
         entries = self._entries
         last = entries[-1] if entries else None
-        if last is not None and (
-            (self._bucket_s and now < last.opened_at + self._bucket_s)
-            # Same instant, and it expires no earlier than a new entry would (a restored
-            # entry may expire sooner): sharing it never releases this admission early.
-            or (self._merge and now == last.opened_at and last.expires_at >= now + self.span_s)
+        # A held entry is never shared: it is later moved on its own (`expire_at`).
+        if (
+            not hold_s
+            and last is not None
+            and (
+                (self._bucket_s and now < last.opened_at + self._bucket_s)
+                # Same instant, and it expires no earlier than a new entry would (a restored
+                # entry may expire sooner): sharing it never releases this admission early.
+                or (self._merge and now == last.opened_at and last.expires_at >= now + self.span_s)
+            )
         ):
             entry = last
             entry.amount += amount
         else:
-            entry = Entry(now, now + self._bucket_s + self.span_s, amount)
+            entry = Entry(now, now + self._bucket_s + self.span_s + hold_s, amount)
             entries.append(entry)
         self._used += amount
         # `_shift(entry.expires_at, amount)`, inlined: this runs for every grant.

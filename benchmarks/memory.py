@@ -725,14 +725,13 @@ def format_table(result: dict[str, Any]) -> str:
                 f"soak total RSS {t['start_mib']} -> {t['end_mib']} MiB "
                 f"({t['growth_mib']:+} MiB, {t['growth_pct']:+}%), max {g['max_total_rss_mib']}"
             )
-            if "second_half" in g:
-                w, h = g["rss_without_idempotency"], g["second_half"]
-                lines.append(
-                    f"without the idempotency store {w['start_mib']} -> {w['end_mib']} MiB "
-                    f"({w['growth_mib']:+} MiB); second half (from {h['start_t_s']} s): total "
-                    f"{h['total_rss']['growth_mib']:+} MiB, without the store "
-                    f"{h['rss_without_idempotency']['growth_mib']:+} MiB"
-                )
+            w, h = g["rss_without_idempotency"], g["second_half"]
+            lines.append(
+                f"without the idempotency store {w['start_mib']} -> {w['end_mib']} MiB "
+                f"({w['growth_mib']:+} MiB); second half (from {h['start_t_s']} s): total "
+                f"{h['total_rss']['growth_mib']:+} MiB, without the store "
+                f"{h['rss_without_idempotency']['growth_mib']:+} MiB"
+            )
             end = g.get("gateway_end") or {}
             if "idempotency_entries" in end:
                 lines.append(
@@ -800,17 +799,12 @@ def record(result: dict[str, Any], json_path: Path) -> Path:
     g = (soak or {}).get("growth") or {}
     if soak and g.get("samples", 0) >= 2:
         t, o = g["total_rss"], soak["outcomes"]
-        grew = f"{t['growth_mib']:+} ({t['growth_pct']:+}%)"
-        if "second_half" in g:
-            grew += (
-                f"; without the idempotency store "
-                f"{g['rss_without_idempotency']['growth_mib']:+}, its second half "
-                f"{g['second_half']['rss_without_idempotency']['growth_mib']:+}"
-            )
         cells += [
             f"{soak['rate_per_s']:g} x {soak['soak_s']:g}",
             f"{t['start_mib']} -> {t['end_mib']}",
-            grew,
+            f"{t['growth_mib']:+} ({t['growth_pct']:+}%); without the idempotency store "
+            f"{g['rss_without_idempotency']['growth_mib']:+}, its second half "
+            f"{g['second_half']['rss_without_idempotency']['growth_mib']:+}",
             _mib(g["max_total_rss_mib"]),
             f"{o['done']} / {o['errors']}",
         ]
