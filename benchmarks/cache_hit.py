@@ -14,12 +14,17 @@ too when the extra `quotaflow[semantic]` is installed) and each size:
    semantic: its paraphrase ("How can I ..." for the stored "How do I ...");
 4. reads the shards' own figures (`quotaflow status --json`: lookup ms, bytes, entries).
 
+Then the **kafka floor** series: the same questions, client and load against a bare
+responder (`benchmarks/_echo.py`: one process, plain aiokafka, a dict of the answers, the
+same reply and usage records a hit writes, no gateway), so the hit path's throughput is
+quoted against what this broker and client allow on this machine in the same run.
+
 The questions are synthetic help-desk questions ("How do I <action> my <thing> on my
 <brand> <device>?"), all in one tenant with one system prompt: one semantic scope, so
 every semantic lookup searches all `size` entries (the worst case of brute force).
 
     nice -n 5 .venv/bin/python -m benchmarks.cache_hit [--sizes 10000,100000] [--n 300]
-        [--window 64] [--window-n 3000] [--no-semantic]
+        [--window 64] [--window-n 3000] [--no-semantic] [--no-floor] [--shards N]
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ from pipeline._admin import ensure_topics
 from pipeline.client import QuotaflowClient
 from pipeline.kafka_local import LocalKafka, free_port
 from pipeline.stack import GatewayProcess, sim_config_dict, write_config
-from topics.config import Config
+from topics.config import CacheConfig, Config
 from topics.wire import DoneReply, Request
 
 __all__ = ["Params", "format_table", "main", "run"]
@@ -118,6 +123,8 @@ class Params:
     window: int = 64
     window_n: int = 3_000
     semantic: bool = True
+    floor: bool = True
+    shards: int = CacheConfig().shards
     keep: bool = False
     record: bool = True
 
@@ -386,7 +393,7 @@ async def _phase(
     }
     raw["kafka"]["group_id"] = f"bench-{kind}-{size}"
     raw["metrics"] = {"enabled": False}
-    raw["cache"] = {"shards": 2, "max_entries": MAX_ENTRIES, "max_bytes": MAX_BYTES}
+    raw["cache"] = {"shards": p.shards, "max_entries": MAX_ENTRIES, "max_bytes": MAX_BYTES}
     verifier = semantic and _verifier_ready()
     if semantic:
         # Without trained verifier weights the second stage is off (cosine alone).
@@ -408,12 +415,7 @@ async def _phase(
     assert gateway.proc is not None
     notes.setdefault("gateway_pids", []).append(gateway.proc.pid)
     try:
-        async with QuotaflowClient(
-            config.kafka.bootstrap_servers, requests_topic=config.topics.requests, tenant=TENANT
-        ) as client:
-            await _sequential(client, qs[:size], WARMUP, semantic=semantic)
-            seq = await _sequential(client, qs[:size], p.n, semantic=semantic)
-            win = await _windowed(client, qs[:size], p.window_n, p.window, semantic=semantic)
+        seq, win = await _load(p, config, qs[:size], semantic=semantic)
         status = await asyncio.to_thread(_status, path, log)
     finally:
         code = await gateway.stop()
@@ -428,6 +430,60 @@ async def _phase(
         "window": {"window": p.window, **_summary(win)},
         "shards": _shards(status),
         "status_error": status.get("error"),
+    }
+
+
+async def _load(
+    p: Params, config: Config, qs: Sequence[Question], *, semantic: bool
+) -> tuple[Series, Series]:
+    """Warm-up, then the sequential and the window series, through one client."""
+    async with QuotaflowClient(
+        config.kafka.bootstrap_servers, requests_topic=config.topics.requests, tenant=TENANT
+    ) as client:
+        await _sequential(client, qs, WARMUP, semantic=semantic)
+        seq = await _sequential(client, qs, p.n, semantic=semantic)
+        win = await _windowed(client, qs, p.window_n, p.window, semantic=semantic)
+    return seq, win
+
+
+async def _floor_phase(
+    p: Params, work: Path, raw_base: dict[str, Any], qs: Sequence[Question]
+) -> dict[str, Any]:
+    """The exact series' load against the bare responder of `benchmarks._echo`."""
+    raw = json.loads(json.dumps(raw_base))
+    raw["topics"] = {"requests": "bench-floor.requests", "internal_prefix": "bench-floor."}
+    raw["kafka"]["group_id"] = "bench-floor"
+    path = work / "floor.yaml"
+    config = write_config(raw, path)
+    await ensure_topics(config)
+    answers = work / "floor-answers.json"
+    answers.write_text(json.dumps({q.stored: q.answer for q in qs}))
+    log = work / "floor.out"
+    with log.open("wb") as out:
+        proc = await asyncio.to_thread(
+            subprocess.Popen,
+            [sys.executable, "-m", "benchmarks._echo", str(path), str(answers)],
+            stdout=out,
+            stderr=out,
+            cwd=REPO,
+            start_new_session=True,
+        )
+    try:
+        await asyncio.to_thread(wait_line, log, b"echo ready", proc, GATEWAY_READY_S)
+        seq, win = await _load(p, config, qs, semantic=False)
+    finally:
+        await asyncio.to_thread(stop_proc, proc)
+    return {
+        "kind": "kafka floor",
+        "entries": len(qs),
+        "verifier": None,
+        "prefill": None,
+        "gateway_start_s": None,
+        "gateway_exit": proc.returncode,
+        "sequential": _summary(seq),
+        "window": {"window": p.window, **_summary(win)},
+        "shards": [],
+        "status_error": None,
     }
 
 
@@ -479,6 +535,9 @@ async def _measure(p: Params, work: Path, notes: dict[str, Any]) -> list[dict[st
                     )
                 )
                 written = size
+        if p.floor:
+            print("== kafka floor", file=sys.stderr, flush=True)
+            phases.append(await _floor_phase(p, work, raw, qs[: max(p.sizes)]))
         return phases
     finally:
         if sim_proc is not None:
@@ -503,7 +562,7 @@ async def run(p: Params) -> dict[str, Any]:
             "window": p.window,
             "window_n": p.window_n,
             "warmup": WARMUP,
-            "shards": 2,
+            "shards": p.shards,
             "system_prompt": SYSTEM,
             "max_tokens": MAX_TOKENS,
         },
@@ -533,21 +592,38 @@ def _mib(ph: dict[str, Any]) -> str:
     return " + ".join(f"{(s.get('bytes') or 0) / 2**20:.1f}" for s in ph["shards"]) or "-"
 
 
+def _floor_per_s(result: dict[str, Any]) -> float | None:
+    return next(
+        (ph["window"]["per_s"] for ph in result["phases"] if ph["kind"] == "kafka floor"), None
+    )
+
+
+def _of_floor(ph: dict[str, Any], floor: float | None) -> str:
+    """`per_s` as a share of the floor's, for the gateway's exact series."""
+    per_s = ph["window"]["per_s"]
+    if ph["kind"] != "exact" or not floor or not per_s:
+        return ""
+    return f" ({per_s / floor:.2f} of floor)"
+
+
 def format_table(result: dict[str, Any]) -> str:
     lines = []
+    floor = _floor_per_s(result)
     for ph in result["phases"]:
         seq, win = ph["sequential"], ph["window"]
         verifier = {None: "", True: " (verifier on)", False: " (cosine only)"}[ph["verifier"]]
+        start = ph["gateway_start_s"]
         lines.append(
-            f"{ph['kind']}{verifier}, {ph['entries']} entries: gateway start "
-            f"{ph['gateway_start_s']} s (restore included)"
+            f"{ph['kind']}{verifier}, {ph['entries']} entries"
+            + ("" if start is None else f": gateway start {start} s (restore included)")
         )
         lines.append(
             f"  sequential n={seq['n']}: hit p50/p99 {_pair(seq['hit_ms'])} ms "
             f"({_caches(seq)}; wrong {seq['wrong_answers']})"
         )
         lines.append(
-            f"  window {win['window']} n={win['n']}: {win['per_s']} req/s, hit p50/p99 "
+            f"  window {win['window']} n={win['n']}: {win['per_s']} req/s{_of_floor(ph, floor)}, "
+            f"hit p50/p99 "
             f"{_pair(win['hit_ms'])} ms ({_caches(win)}; wrong {win['wrong_answers']})"
         )
         lines.append(f"  shard lookup ms p50/p99 {_lookup_ms(ph)}; MiB per shard {_mib(ph)}")
@@ -557,17 +633,21 @@ def format_table(result: dict[str, Any]) -> str:
 
 _MD_SECTION = "cache_hit: the hit path end to end at 10k and 100k entries"
 _MD_INTRO = """\
-Cached questions through broker, gateway (2 cache shards) and back: `QuotaflowClient.ask`
-publish -> `done` on the reply topic, streamed, fresh ids. The entries are written to the
-changelog topic first and restored by the shards at start (**start s**: gateway start-up,
-restore included). **exact**: the stored question again; **semantic**: its paraphrase
-("How can I ..." for "How do I ..."), all entries in one tenant scope, so every lookup
-searches all of them (brute-force cosine, then the verifier if its weights are trained;
-"cosine only" otherwise). **seq**: one at a time after 30 warm-up requests; **window**: W
-in flight, throughput = requests / wall time. **hit p50/p99**: of the requests answered
-from cache; **served**: how they were answered (and **wrong**: hits whose text is not the
-stored answer of that question). **lookup ms**: the busy shards' own decision time per
-lookup call (embedding included), p50 / p99. **MiB**: bytes held per shard."""
+Cached questions through broker, gateway (`cache.shards` shards: 2 until 2026-12-02, the
+default of 1 since) and back: `QuotaflowClient.ask` publish -> `done` on the reply topic,
+streamed, fresh ids. The entries are written to the changelog topic first and restored by
+the shards at start (**start s**: gateway start-up, restore included). **exact**: the
+stored question again; **semantic**: its paraphrase ("How can I ..." for "How do I ..."),
+all entries in one tenant scope, so every lookup searches all of them (brute-force cosine,
+then the verifier if its weights are trained; "cosine only" otherwise). **seq**: one at a
+time after 30 warm-up requests; **window**: W in flight, throughput = requests / wall
+time. **hit p50/p99**: of the requests answered from cache; **served**: how they were
+answered (and **wrong**: hits whose text is not the stored answer of that question).
+**lookup ms**: the busy shards' own decision time per lookup call (embedding included),
+p50 / p99. **MiB**: bytes held per shard. **kafka floor** (from 2026-12-02): the same
+load against a bare aiokafka responder with the answers in a dict and no gateway
+(`benchmarks/_echo.py`), in the same run; the exact series' req/s is also given as a
+share of it."""
 _MD_COLUMNS = (
     "date",
     "machine",
@@ -591,6 +671,7 @@ def record(result: dict[str, Any], json_path: Path) -> Path:
     date = result["started_at"].replace("T", " ")[:16]
     notes = result["notes"]
     md = json_path
+    floor = _floor_per_s(result)
     for ph in result["phases"]:
         seq, win = ph["sequential"], ph["window"]
         series = ph["kind"]
@@ -605,10 +686,10 @@ def record(result: dict[str, Any], json_path: Path) -> Path:
                 machine_summary(result["machine"]),
                 series,
                 str(ph["entries"]),
-                str(ph["gateway_start_s"]),
+                "-" if ph["gateway_start_s"] is None else str(ph["gateway_start_s"]),
                 _pair(seq["hit_ms"]),
                 str(win["window"]),
-                str(win["per_s"]),
+                f"{win['per_s']}{_of_floor(ph, floor)}",
                 _pair(win["hit_ms"]),
                 f"{_caches(win)} ({win['wrong_answers'] + seq['wrong_answers']})",
                 _lookup_ms(ph),
@@ -627,18 +708,24 @@ def parse_args(argv: Sequence[str] | None = None) -> Params:
     ap.add_argument("--window", type=int, default=64, help="requests in flight (throughput)")
     ap.add_argument("--window-n", type=int, default=3000, help="requests of the window series")
     ap.add_argument("--no-semantic", action="store_true", help="the exact series only")
+    ap.add_argument("--no-floor", action="store_true", help="no bare-responder series")
+    ap.add_argument(
+        "--shards", type=int, default=CacheConfig().shards, help="cache shards (cache.shards)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, broker data)")
     ap.add_argument("--no-record", action="store_true", help="write neither JSON nor BENCHMARKS.md")
     a = ap.parse_args(argv)
     sizes = tuple(int(s) for s in a.sizes.split(",") if s)
-    if not sizes or min(sizes) < 1 or a.n < 1 or a.window < 1 or a.window_n < 1:
-        ap.error("--sizes, --n, --window and --window-n must be >= 1")
+    if not sizes or min(sizes) < 1 or min(a.n, a.window, a.window_n, a.shards) < 1:
+        ap.error("--sizes, --n, --window, --window-n and --shards must be >= 1")
     return Params(
         sizes=sizes,
         n=a.n,
         window=a.window,
         window_n=a.window_n,
         semantic=not a.no_semantic,
+        floor=not a.no_floor,
+        shards=a.shards,
         keep=a.keep,
         record=not a.no_record,
     )

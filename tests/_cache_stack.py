@@ -2,7 +2,7 @@
 
 One deployment on a simulator key of its own (so the simulator's log separates its
 calls), behind two models: `c-cache-model` with the default TTL and `c-ttl-model` whose
-entries expire after `CACHE_TTL_S` (`cache.ttl_s_by_model`).
+entries expire after `CACHE_TTL_S` (`cache.ttl_s_by_model`); and two cache shards.
 """
 
 from __future__ import annotations
@@ -36,3 +36,6 @@ def add_cache_lanes(raw: dict[str, Any], base_url: str) -> None:
     raw["models"].append({"name": TTL_MODEL, "deployments": [CACHE_DEPLOYMENT]})
     raw["simulator"]["keys"].append({"api_key_env": CACHE_KEY_ENV})
     raw.setdefault("cache", {}).setdefault("ttl_s_by_model", {})[TTL_MODEL] = CACHE_TTL_S
+    # Two shards, not the default one: the suite covers keys spread over shards (a killed
+    # shard, followers of another shard's flight).
+    raw["cache"]["shards"] = 2
