@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shlex
 import shutil
@@ -76,6 +77,14 @@ _MVN_TIMEOUT_S = 1800.0
 _FORMAT_TIMEOUT_S = 120.0
 _PROBE_TIMEOUT_S = 5.0
 _POLL_S = 0.25
+# free_port: where the kernel's ephemeral range is read (and what Linux defaults it to),
+# the lowest port chosen (above Ray's worker ports, 10002-19999 by default; the highest is
+# just below the ephemeral range, or 65535 above it), and how many random ones are tried
+# before falling back to bind(0).
+_EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+_EPHEMERAL_DEFAULT = (32768, 60999)
+_STABLE_PORTS_FROM = 20000
+_FREE_PORT_TRIES = 200
 _JAVA_HINT = "install a JDK 17+ (e.g. `apt-get install openjdk-17-jre-headless`)"
 _MVN_HINT = "install Apache Maven 3.6+ (e.g. `apt-get install maven`) to fetch the Kafka jars"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -107,12 +116,36 @@ def _default_jars_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "quotaflow" / "kafka"
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes outgoing connections' local ports from."""
+    try:
+        with open(_EPHEMERAL_RANGE_FILE, encoding="ascii") as f:
+            low, high = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        return _EPHEMERAL_DEFAULT
+    return low, high
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (the OS picks it)."""
+    """A TCP port on 127.0.0.1 that is free right now, outside the ephemeral range.
+
+    A port the OS picks (`bind(0)`) is an ephemeral one: while its server restarts, any
+    outgoing connection (Ray opens many) may take it as its local port, and the server
+    cannot listen again. Ports between Ray's worker range and the ephemeral range are
+    never handed out that way.
+    """
+    low, high = _ephemeral_ports()
+    lo, hi = (_STABLE_PORTS_FROM, low - 1) if low > _STABLE_PORTS_FROM else (high + 1, 65535)
+    candidates = list(range(lo, hi + 1))
+    random.shuffle(candidates)
+    for port in candidates[:_FREE_PORT_TRIES]:
+        if not _port_in_use(port):
+            return port
+    # Everything tried is taken: an ephemeral port still works until a restart.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def _port_in_use(port: int) -> bool:

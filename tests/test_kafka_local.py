@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from pipeline.kafka_local import KAFKA_VERSION, LocalKafka, free_port
+from pipeline.kafka_local import KAFKA_VERSION, LocalKafka, _ephemeral_ports, free_port
 from topics.errors import KafkaLocalError
 
 POM = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
@@ -80,6 +80,24 @@ def test_free_port_can_be_bound() -> None:
     assert 0 < port < 65536
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", port))
+
+
+def test_free_port_is_outside_the_ephemeral_range() -> None:
+    # An outgoing connection could take an ephemeral port while its server restarts.
+    low, high = _ephemeral_ports()
+    ports = {free_port() for _ in range(20)}
+    assert all(not low <= p <= high for p in ports), sorted(ports)
+    assert len(ports) > 1  # chosen at random, not one fixed port
+
+
+def test_free_port_reads_the_kernels_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "ip_local_port_range"
+    path.write_text("40000\t50000\n")
+    monkeypatch.setattr("pipeline.kafka_local._EPHEMERAL_RANGE_FILE", str(path))
+    assert _ephemeral_ports() == (40000, 50000)
+    assert not 40000 <= free_port() <= 50000
+    path.write_text("garbage")
+    assert _ephemeral_ports() == (32768, 60999)
 
 
 @pytest.mark.integration
