@@ -244,6 +244,10 @@ class CacheLookup(msgspec.Struct, frozen=True):
     received_ms: float
     # The resolved public model (semantic thresholds and TTL are per model).
     model: str = ""
+    # Where a replay's seqs start and whether a `reset` goes first: a resent id whose
+    # earlier run left replies on the topic continues past them (`IdemClaimed`).
+    seq: int = 0
+    reset_first: bool = False
 
 
 # -- batches across Ray --------------------------------------------------------------

@@ -54,6 +54,8 @@ _TICK_S: Final = 1.0
 _SWEEP_INTERVAL_S: Final = 30.0
 # Lookup calls whose decision times make the latency percentiles in `stats`.
 _LATENCY_SAMPLES: Final = 2048
+# The reason of the `reset` in front of a replay to a resent id that replied before.
+_RERUN_RESET: Final = "the request is answered again from the cache"
 # Embedded once at start so that the model is loaded before the first lookup.
 _WARM_TEXT: Final = "Is the cache warm?"
 
@@ -319,9 +321,12 @@ class CacheShard:
             usage_topic=self._config.topics.usage,
             request_id=item.request.id,
             tenant=item.request.tenant,
+            start_seq=item.seq,
             kafka=self._config.kafka,
         )
         try:
+            if item.reset_first:
+                await out.reset(_RERUN_RESET)
             await replay(entry, item.request, out, received_ms=item.received_ms, kind=kind)
         except KafkaError as exc:
             self.replay_failures += 1

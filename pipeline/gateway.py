@@ -552,8 +552,10 @@ class Gateway:
                 continue
             self._apply_route(p, route)
             routed.append(route.ticket)
-            # A re-run continues at a later seq; a cache replay would start at 0.
-            if self.actors.caches and p.seq == 0 and cacheable(p.request, self.config.cache):
+            # A re-run is looked up too (its replay continues at its seq, after a reset):
+            # a resent id whose first answer came from the cache is answered from it
+            # again, not run upstream.
+            if self.actors.caches and cacheable(p.request, self.config.cache):
                 scope = tenant_scope(p.request.tenant, self.config.cache)
                 p.cache_key = cache_key(
                     p.request, route.model, scope=scope, semantic=self.config.cache.semantic.enabled
@@ -567,6 +569,8 @@ class Gateway:
                         p.reply_to,
                         p.received_ms,
                         model=route.model,
+                        seq=p.seq,
+                        reset_first=p.reset_first,
                     )
                 )
         if answers:

@@ -20,6 +20,7 @@ from actors._cache_keys import cache_key, cacheable, semantic_parts, tenant_scop
 from actors._cache_semantic import SemanticCache
 from actors._cache_store import decode_record, encode_record
 from actors._exact_cache import ExactCache, storable
+from actors._idempotency import RERUN_SEQ_STRIDE
 from actors._messages import CacheEntry, CacheLookup
 from actors.cache import CacheShard, check_cache_config, shard_of
 from topics.config import CacheConfig, Config, parse_config
@@ -501,6 +502,22 @@ async def test_miss_store_then_exact_hit_replayed_at_zero_cost() -> None:
     assert (stats["lookups"], stats["exact_hits"], stats["entries"]) == (2, 1, 1)
     assert stats["hit_rate_exact"] == 0.5
     assert stats["writes_acked"] == 1
+
+
+async def test_a_rerun_is_replayed_past_its_earlier_seqs_after_a_reset() -> None:
+    # A resent id that ran before (here: answered from the cache) continues at its seq.
+    shard, producer = _shard(_config())
+    req = _req(temperature=0)
+    item = _lookup(1, _key(req), req)
+    await shard.lookup("ing", [item])
+    await shard.put_many([_answer(item)])
+    await _settle(shard)
+    again = msgspec.structs.replace(item, ticket=2, seq=RERUN_SEQ_STRIDE, reset_first=True)
+    assert (await shard.lookup("ing", [again])).answered == [2]
+    replies = producer.replies(req.id)
+    assert [type(r).__name__ for r in replies] == ["ResetReply", "CompletionReply", "DoneReply"]
+    assert [r.seq for r in replies] == [RERUN_SEQ_STRIDE + i for i in range(3)]
+    assert _text_of(replies) == ANSWER
 
 
 async def test_single_flight_followers_get_the_leaders_answer() -> None:

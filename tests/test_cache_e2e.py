@@ -32,7 +32,7 @@ from pipeline.stack import GatewayProcess, write_config
 from tests._cache_stack import CACHE_KEY_ENV, CACHE_MODEL, CACHE_TTL_S, TTL_MODEL
 from tests.conftest import Stack
 from topics.config import Config
-from topics.wire import CompletionReply, DoneReply
+from topics.wire import CompletionReply, DoneReply, ResetReply
 
 pytestmark = [pytest.mark.integration]
 
@@ -101,6 +101,25 @@ async def test_exact_hit_replays_the_answer_without_an_upstream_call(
     assert done.usage == _done(first).usage
     assert [type(r) for r in second.replies] == [CompletionReply, DoneReply]
     assert _calls(stack, {second.id}) == []
+
+
+async def test_a_resent_hit_is_answered_from_the_cache_again(
+    stack: Stack, client: QuotaflowClient
+) -> None:
+    # A hit leaves its id's idempotency record `running` (no run stored a result); a
+    # resend continues past the first answer's seqs and is looked up, not run upstream.
+    body = _body(_unique("Where is my parcel?"))
+    first = await _ask(client, body)
+    assert _done(first).cache == "miss"
+    request = client.build(body)
+    hit = await client.ask(request, timeout_s=ANSWER_TIMEOUT_S)
+    assert _done(hit).cache == "exact"
+    again = await client.ask(request, timeout_s=ANSWER_TIMEOUT_S)
+    assert _done(again).cache == "exact"
+    assert isinstance(again.replies[0], ResetReply)
+    assert again.text == first.text
+    assert min(r.seq for r in again.replies) > max(r.seq for r in hit.replies)
+    assert _calls(stack, {request.id}) == []
 
 
 async def test_no_hit_across_tenants_and_bypass_skips_the_cache_both_ways(
