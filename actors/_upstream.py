@@ -20,11 +20,13 @@ import httpx2 as httpx
 import msgspec
 import openai
 import structlog
+from aiohttp.helpers import get_env_proxy_for_url
 from openai._constants import DEFAULT_CONNECTION_LIMITS
 
 # Private to the SDK (what `openai.DefaultAioHttpClient` builds on); the pinned version has
 # it and tests/test_units.py fails if it moves.
 from openai._vendor.httpx_aiohttp.transport import AiohttpTransport
+from yarl import URL
 
 from actors._coalesce import ChunkCoalescer
 from actors._messages import Job, Observation
@@ -34,7 +36,7 @@ from topics.config import Config, Deployment, resolve_secret
 from topics.errors import ErrorCode
 from topics.wire import Timing
 
-__all__ = ["Outcome", "Upstream", "observe", "parse_go_duration"]
+__all__ = ["Outcome", "Upstream", "env_proxy", "observe", "parse_go_duration"]
 
 log = structlog.get_logger("quotaflow.caller")
 
@@ -212,24 +214,44 @@ def _map_status_error(exc: openai.APIStatusError, dep: Deployment) -> _Failure:
     )
 
 
+def env_proxy(base_url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """The proxy the environment sets for `base_url` (HTTPS_PROXY, NO_PROXY...), or none.
+
+    Read once per client, as httpx does. aiohttp's `trust_env` reads the environment and
+    `~/.netrc` again for every request, on a thread whose GIL hand-offs stalled the
+    caller's event loop (BENCHMARKS.md, throughput notes of 2026-12-02).
+    """
+    try:
+        return get_env_proxy_for_url(URL(base_url))
+    except LookupError:
+        return None, None
+
+
 class _TracedTransport(AiohttpTransport):
     """The SDK's aiohttp transport, its session built with our trace (send reports)."""
 
-    def __init__(self, trace: Callable[[], aiohttp.TraceConfig], **kwargs: Any) -> None:
+    def __init__(
+        self, trace: Callable[[], aiohttp.TraceConfig], base_url: str, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self._make_trace = trace
+        self._base_url = base_url
 
     def get_client(self) -> aiohttp.ClientSession:
-        # As the base class builds it (TCP only), plus the trace, and proxies from the
-        # environment (HTTPS_PROXY, NO_PROXY...) as httpx uses them by default: httpx
-        # itself ignores them once a transport is given.
+        # As the base class builds it (TCP only), plus the trace, and the environment's
+        # proxy for the deployment as httpx would use it by default (httpx itself ignores
+        # it once a transport is given).
         connector = aiohttp.TCPConnector(
             keepalive_timeout=self.limits.keepalive_expiry,
             ssl=self.ssl_context,
             limit=self.limits.max_connections or 0,
         )
+        proxy, proxy_auth = env_proxy(self._base_url)
         return aiohttp.ClientSession(
-            connector=connector, trace_configs=[self._make_trace()], trust_env=True
+            connector=connector,
+            trace_configs=[self._make_trace()],
+            proxy=proxy,
+            proxy_auth=proxy_auth,
         )
 
 
@@ -251,7 +273,9 @@ class Upstream:
         if self._transport == "aiohttp":
             # httpx's pool scans its connections at every request start and response end:
             # its cost per call grew with the calls in flight (BENCHMARKS.md, throughput).
-            transport = _TracedTransport(self._trace, limits=DEFAULT_CONNECTION_LIMITS)
+            transport = _TracedTransport(
+                self._trace, dep.base_url, limits=DEFAULT_CONNECTION_LIMITS
+            )
             http = openai.DefaultAioHttpClient(transport=transport)
         else:
             http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [self._httpx_sent]})

@@ -378,6 +378,66 @@ async def test_calls_go_through_the_proxy_the_environment_names(
             await up.close()
 
 
+async def test_the_environments_proxy_is_read_once_per_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`NO_PROXY` is honoured, and the session does not read the environment (nor
+    `~/.netrc`) again per request: aiohttp does that on a thread, which cost the callers
+    GIL hand-offs on every call."""
+    import aiohttp
+
+    from actors._upstream import _TracedTransport, env_proxy
+
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    url = "http://upstream.invalid:8080/v1"
+    assert env_proxy(url) == (None, None)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:3128")
+    proxy, _ = env_proxy(url)
+    assert str(proxy) == "http://127.0.0.1:3128"
+    monkeypatch.setenv("NO_PROXY", "upstream.invalid")
+    assert env_proxy(url) == (None, None)
+    monkeypatch.delenv("NO_PROXY")
+    session = _TracedTransport(aiohttp.TraceConfig, url).get_client()
+    try:
+        assert session.trust_env is False
+    finally:
+        await session.close()
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_netrc_entry_for_the_upstream_host_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, transport: str
+) -> None:
+    """The deployment's key is the only credential sent: with `trust_env` aiohttp took
+    `~/.netrc` credentials for the host and then refused every call ("Cannot combine
+    AUTHORIZATION header with AUTH argument")."""
+    from aiohttp import web
+
+    from actors._upstream import Upstream
+
+    auth: list[str | None] = []
+
+    async def models(request: web.Request) -> web.Response:
+        auth.append(request.headers.get("Authorization"))
+        return web.json_response({"object": "list", "data": []})
+
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password not-the-key\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("NETRC", raising=False)
+    monkeypatch.setenv("KA", "sk-test-a")
+    async with _http_server("/v1/models", models) as port:
+        config = _one_deployment(f"http://127.0.0.1:{port}/v1", transport)
+        up = Upstream(config)
+        try:
+            await up.client(config.deployments[0]).models.list()
+        finally:
+            await up.close()
+    assert auth == ["Bearer sk-test-a"]
+
+
 def test_malloc_trim_runs_on_its_interval_and_one_loop_per_trimmer() -> None:
     import threading
 
