@@ -85,6 +85,7 @@ _EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 _EPHEMERAL_DEFAULT = (32768, 60999)
 _STABLE_PORTS_FROM = 20000
 _FREE_PORT_TRIES = 200
+_HANDED_OUT: set[int] = set()
 _JAVA_HINT = "install a JDK 17+ (e.g. `apt-get install openjdk-17-jre-headless`)"
 _MVN_HINT = "install Apache Maven 3.6+ (e.g. `apt-get install maven`) to fetch the Kafka jars"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -139,7 +140,9 @@ def free_port() -> int:
     candidates = list(range(lo, hi + 1))
     random.shuffle(candidates)
     for port in candidates[:_FREE_PORT_TRIES]:
-        if not _port_in_use(port):
+        # Not one handed out before in this process: its server may not listen yet.
+        if port not in _HANDED_OUT and not _port_in_use(port):
+            _HANDED_OUT.add(port)
             return port
     # Everything tried is taken: an ephemeral port still works until a restart.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
