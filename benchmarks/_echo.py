@@ -1,14 +1,15 @@
 """The Kafka floor of a cache hit: a bare responder with no gateway in it.
 
 It reads the requests topic and, for every request, writes what a cache hit writes to
-the reply and usage topics (streamed: the text in one chunk, the finish reason, `done`;
-not streamed: a completion and `done`; then a usage record), with the gateway's producer
-settings (idempotent, `acks=all`, the configured linger and batch size) and its
-consumer's batch size. Per `getmany` batch it sends every record, waits for the acks,
-then commits: the least work a Kafka request/reply service does per request. The answer
-is looked up by the last message's text in a JSON object of question -> answer (a
-question not in it gets ""). Run as its own process, so it shares the cores as the
-gateway does:
+the reply and usage topics: the records of the gateway's own `actors._exact_cache.replay`
+(streamed, the text in one chunk, the finish reason, `done`; not streamed, a completion
+and `done`; then a usage record), collected rather than sent one ack at a time. It uses
+the gateway's producer settings (idempotent, `acks=all`, the configured linger and batch
+size) and its consumer's batch size. Per `getmany` batch it sends every record, waits for
+the acks, then commits: the least work a Kafka request/reply service does per request.
+The answer is looked up by the last message's text in a JSON object of question ->
+answer (a question not in it gets ""). Run as its own process, so it shares the cores as
+the gateway does:
 
     python -m benchmarks._echo CONFIG.yaml ANSWERS.json
 
@@ -22,95 +23,59 @@ import json
 import signal
 import sys
 import time
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from actors._exact_cache import replay
+from actors._messages import CacheEntry
+from actors._replies import ReplyStream
 from topics.config import Config, load_config
-from topics.specs import REPLY_ENCODER, REQUEST_DECODER, USAGE_ENCODER
-from topics.wire import ChunkReply, CompletionReply, DoneReply, Timing, TokenUsage, Usage
+from topics.specs import REQUEST_DECODER
+from topics.wire import Request
 
-__all__ = ["main", "replies"]
+__all__ = ["main", "records"]
 
 _POLL_MS = 100
 
 
-def replies(req_id: str, body: dict[str, Any], text: str) -> list[bytes]:
-    """The reply values a cache hit sends for this request, in order."""
-    usage = TokenUsage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
-    created = int(time.time())
-    base = {"id": f"chatcmpl-echo-{req_id}", "created": created, "model": body["model"]}
-    out: list[bytes] = []
-    if body.get("stream"):
-        chunk = {**base, "object": "chat.completion.chunk"}
-        out.append(
-            REPLY_ENCODER.encode(
-                ChunkReply(
-                    id=req_id,
-                    seq=0,
-                    chunk={
-                        **chunk,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "delta": {"role": "assistant", "content": text},
-                                "finish_reason": None,
-                            }
-                        ],
-                    },
-                )
-            )
-        )
-        out.append(
-            REPLY_ENCODER.encode(
-                ChunkReply(
-                    id=req_id,
-                    seq=1,
-                    chunk={
-                        **chunk,
-                        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                    },
-                )
-            )
-        )
-    else:
-        message = {"role": "assistant", "content": text}
-        completion = {
-            **base,
-            "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-        }
-        out.append(REPLY_ENCODER.encode(CompletionReply(id=req_id, seq=0, completion=completion)))
-    timing = Timing(queued_ms=0.0, ttft_ms=0.0, total_ms=0.0)
-    done = DoneReply(
-        id=req_id,
-        seq=len(out),
+class _Collect:
+    """A producer that keeps what it is sent, delivered at once: a replay's records."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes]] = []
+
+    async def send(
+        self, topic: str, value: bytes | None = None, key: bytes | None = None
+    ) -> asyncio.Future[None]:
+        assert value is not None
+        self.records.append((topic, value))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+async def records(
+    req: Request, text: str, *, reply_topic: str, usage_topic: str
+) -> list[tuple[str, bytes]]:
+    """The (topic, value) records an exact hit of `text` writes for `req`, in order: made
+    by the gateway's own replay, so the floor writes the same bytes a hit does."""
+    model = req.request["model"]
+    entry = CacheEntry(
+        key=req.id,
+        text=text,
         finish_reason="stop",
-        usage=usage,
-        model=body["model"],
-        deployment=None,
-        cache="exact",
-        timing=timing,
+        prompt_tokens=0,
+        completion_tokens=0,
+        upstream_model=model,
+        model=model,
+        stored_at=time.time(),
     )
-    out.append(REPLY_ENCODER.encode(done))
-    return out
-
-
-def _usage(req_id: str, tenant: str, model: str) -> bytes:
-    return USAGE_ENCODER.encode(
-        Usage(
-            id=req_id,
-            tenant=tenant,
-            model=model,
-            deployment=None,
-            prompt_tokens=0,
-            completion_tokens=0,
-            cost_usd=0.0,
-            cache="exact",
-            status="done",
-            ts_ms=int(time.time() * 1000),
-        )
+    sink = _Collect()
+    out = ReplyStream(
+        sink, topic=reply_topic, usage_topic=usage_topic, request_id=req.id, tenant=req.tenant
     )
+    await replay(entry, req, out, received_ms=time.time() * 1000.0)
+    return sink.records
 
 
 async def serve(config: Config, answers: dict[str, str], stop: asyncio.Event) -> None:
@@ -142,16 +107,18 @@ async def serve(config: Config, answers: dict[str, str], stop: asyncio.Event) ->
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=_POLL_MS)
             acks = []
-            for records in batch.values():
-                for rec in records:
+            for partition in batch.values():
+                for rec in partition:
                     req = REQUEST_DECODER.decode(rec.value)
                     key = req.id.encode()
-                    topic = req.reply_to or config.topics.responses
                     text = answers.get(req.request["messages"][-1]["content"], "")
-                    for value in replies(req.id, req.request, text):
+                    for topic, value in await records(
+                        req,
+                        text,
+                        reply_topic=req.reply_to or config.topics.responses,
+                        usage_topic=config.topics.usage,
+                    ):
                         acks.append(await producer.send(topic, value=value, key=key))
-                    usage = _usage(req.id, req.tenant, req.request["model"])
-                    acks.append(await producer.send(config.topics.usage, value=usage, key=key))
             if acks:
                 await asyncio.gather(*acks)
                 await consumer.commit()

@@ -10,10 +10,10 @@ import pytest
 from actors._exact_cache import replay
 from actors._messages import CacheEntry
 from actors._replies import ReplyStream
-from benchmarks._echo import replies
+from benchmarks._echo import records
 from benchmarks.cache_hit import _of_floor
 from tests.test_cache import FakeProducer
-from topics.specs import REPLY_DECODER
+from topics.specs import REPLY_DECODER, USAGE_DECODER
 from topics.wire import ChunkReply, DoneReply, Request
 
 
@@ -48,10 +48,13 @@ async def test_echo_replies_are_the_replies_of_an_exact_hit(stream: bool) -> Non
     )
     await replay(entry, request, out, received_ms=0.0)
 
-    echo = [_shape(REPLY_DECODER.decode(v)) for v in replies("r1", body, "the answer")]
-    assert echo == [_shape(r) for r in producer.replies("r1")]
-    assert echo[-1][0] == "done"
-    assert echo[-1][2] == "exact"
+    echo = await records(request, "the answer", reply_topic="replies", usage_topic="llm.usage")
+    assert [t for t, _ in echo] == ["replies"] * (len(echo) - 1) + ["llm.usage"]
+    shapes = [_shape(REPLY_DECODER.decode(v)) for t, v in echo if t == "replies"]
+    assert shapes == [_shape(r) for r in producer.replies("r1")]
+    assert shapes[-1][0] == "done"
+    assert shapes[-1][2] == "exact"
+    assert [u.cache for u in producer.usage()] == [USAGE_DECODER.decode(echo[-1][1]).cache]
 
 
 def test_only_exact_series_are_quoted_against_the_floor() -> None:

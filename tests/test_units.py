@@ -346,6 +346,16 @@ async def test_a_call_is_reported_sent_when_its_headers_are_written(
             await up.close()
 
 
+_PROXY_ENV = ("NO_PROXY", "ALL_PROXY", "HTTP_PROXY", "HTTPS_PROXY")
+
+
+def _without_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy variable of this machine's environment, upper or lower case, in the test."""
+    for name in _PROXY_ENV:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
 async def test_calls_go_through_the_proxy_the_environment_names(
     monkeypatch: pytest.MonkeyPatch, transport: str
@@ -363,8 +373,7 @@ async def test_calls_go_through_the_proxy_the_environment_names(
         seen.append(str(request.url))
         return web.json_response({"object": "list", "data": []})
 
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    _without_proxy_env(monkeypatch)
     monkeypatch.setenv("KA", "sk-test-a")
     upstream = "http://upstream.invalid:8080/v1"
     config = _one_deployment(upstream, transport)
@@ -388,8 +397,7 @@ async def test_the_environments_proxy_is_read_once_per_client(
 
     from actors._upstream import _TracedTransport, env_proxy
 
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    _without_proxy_env(monkeypatch)
     url = "http://upstream.invalid:8080/v1"
     assert env_proxy(url) == (None, None)
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:3128")
